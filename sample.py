@@ -1,0 +1,106 @@
+"""
+Sample text from a checkpoint written by train.py.
+
+    python sample.py                                    # three samples from out/ckpt.pt
+    python sample.py --out_dir=out --start="ROMEO:" --num_samples=1 --max_new_tokens=300
+    python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=40 --seed=7
+"""
+
+import argparse
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from model import GPT, GPTConfig, load_checkpoint
+
+parser = argparse.ArgumentParser(description="Sample text from a checkpoint written by train.py.", allow_abbrev=False)
+parser.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default: out)")
+parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")
+parser.add_argument("--num_samples", type=int, default=3, help="how many samples (default: 3)")
+parser.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample (default: 500)")
+parser.add_argument("--temperature", type=float, default=0.8, help="below 1 is more conservative, 0 is greedy (default: 0.8)")
+parser.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens only; 0 for all (default: 200)")
+parser.add_argument("--seed", type=int, default=1337)
+parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+args = parser.parse_args()
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if args.num_samples < 1 or args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
+    fail("num_samples must be at least 1, and max_new_tokens, temperature and top_k must not be negative")
+
+# -----------------------------------------------------------------------------
+# model
+checkpoint = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+device = args.device
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device_type = device.split(":")[0]
+model = GPT(GPTConfig(**checkpoint["model_args"]))
+model.load_state_dict(checkpoint["model"])
+model.eval().to(device)
+use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+# -----------------------------------------------------------------------------
+# tokenizer: the checkpoint carries its dataset's meta (the char vocabulary, or the BPE's name)
+meta = checkpoint.get("meta")
+if meta is None:  # an older checkpoint: read the dataset's meta.pkl
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", checkpoint["config"]["dataset"], "meta.pkl")
+    if not os.path.exists(meta_path):
+        fail(f"the checkpoint names dataset {checkpoint['config']['dataset']!r}, but {meta_path} is missing; prepare that dataset first")
+    with open(meta_path, "rb") as f:
+        meta = pickle.load(f)
+if "stoi" in meta:  # characters
+    stoi, itos = meta["stoi"], meta["itos"]
+
+    def encode(s):
+        missing = sorted(set(s) - set(stoi))
+        if missing:
+            fail(f"the prompt has {''.join(missing)!r}, which the model's character vocabulary lacks; "
+                 f"use only these characters: {''.join(sorted(stoi))!r}")
+        return [stoi[c] for c in s]
+
+    def decode(ids):
+        return "".join(itos[i] for i in ids)
+else:  # GPT-2 BPE
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    from common import gpt2_encoding
+
+    enc = gpt2_encoding()
+
+    def encode(s):
+        try:
+            return enc.encode(s, allowed_special={"<|endoftext|>"})
+        except Exception as e:  # e.g. text that is not valid Unicode
+            fail(f"the GPT-2 tokenizer cannot encode the prompt ({e}); give it as UTF-8 text")
+
+    def decode(ids):
+        return enc.decode(ids)
+
+# -----------------------------------------------------------------------------
+# prompt and sampling
+start = args.start
+if start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt file {start[5:]!r} ({e.__class__.__name__}); give a readable UTF-8 text file")
+ids = encode(start)
+if not ids:
+    fail("the prompt is empty; give at least one character with --start")
+torch.manual_seed(args.seed)
+x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+with torch.no_grad(), ctx:
+    for _ in range(args.num_samples):
+        y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None)
+        print(decode(y[0].tolist()))
+        print("---------------")

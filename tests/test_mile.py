@@ -1,0 +1,202 @@
+"""The readable losses of mile.py against the formulas, by hand and by an independent transcription."""
+
+import math
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mile import build_loss, cross_entropy_loss, focal_loss, mile_loss, token_entropy  # noqa: E402
+
+
+def authors_mile(logits, targets, gamma, sigma=1.0):
+    """MiLe as the authors' code writes it (MILE_SPEC.md), with no ignored positions."""
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    p = torch.clamp(torch.softmax(logits.detach(), dim=-1), min=1e-8, max=1.0)
+    entropy = torch.sum(-p * torch.log(p), dim=-1)
+    weight = torch.pow(sigma + entropy, gamma)
+    alpha = 1.0 / torch.mean(weight)
+    return torch.mean(alpha * weight * ce)
+
+
+def authors_focal(logits, targets, gamma):
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    pt = torch.exp(-ce).detach()
+    weight = torch.pow(1 - pt, gamma)
+    alpha = 1.0 / torch.mean(weight)
+    return torch.mean(alpha * weight * ce)
+
+
+def value_and_grad(fn, logits, targets):
+    z = logits.clone().requires_grad_(True)
+    loss = fn(z, targets)
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+@pytest.mark.parametrize("V", [2, 17, 1000, 32000])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_matches_authors_code(V, scale, gamma):
+    g = torch.Generator().manual_seed(V * 100 + int(scale * 10) + int(gamma * 7))
+    N = 64 if V < 32000 else 16
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * scale
+    targets = torch.randint(0, V, (N,), generator=g)
+    for ours, theirs in [
+        (lambda z, y: mile_loss(z, y, gamma=gamma), lambda z, y: authors_mile(z.float(), y, gamma)),
+        (lambda z, y: focal_loss(z, y, gamma=gamma), lambda z, y: authors_focal(z.float(), y, gamma)),
+    ]:
+        v1, g1 = value_and_grad(ours, logits, targets)
+        v2, g2 = value_and_grad(theirs, logits, targets)
+        assert v1.dtype == torch.float32
+        torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+def test_gamma_zero_is_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(4, 8, 50, generator=g) * 3, torch.randint(0, 50, (4, 8), generator=g)
+    for fn in (lambda z, y: mile_loss(z, y, gamma=0.0), lambda z, y: focal_loss(z, y, gamma=0.0)):
+        v1, g1 = value_and_grad(fn, logits, targets)
+        v2, g2 = value_and_grad(lambda z, y: F.cross_entropy(z.view(-1, 50), y.view(-1)), logits, targets)
+        torch.testing.assert_close(v1, v2)
+        torch.testing.assert_close(g1, g2)
+
+
+def test_hand_computed_example():
+    # two positions, three classes; every number below is worked out with math, not torch
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    p0 = [math.exp(2) / (math.exp(2) + 2), 1 / (math.exp(2) + 2), 1 / (math.exp(2) + 2)]
+    p1 = [1 / 3] * 3
+    ce = [-math.log(p0[0]), math.log(3)]
+    H = [-sum(p * math.log(p) for p in p0), math.log(3)]
+    # MiLe, gamma 1: w = 1 + H, alpha = 1 / mean(w), L = mean(alpha w CE) = sum(w CE) / sum(w)
+    w = [1 + h for h in H]
+    expected_mile = (w[0] * ce[0] + w[1] * ce[1]) / (w[0] + w[1])
+    assert mile_loss(logits, targets).item() == pytest.approx(expected_mile, rel=1e-6)
+    # MiLe, gamma 2, sigma 0.5
+    w2 = [(0.5 + h) ** 2 for h in H]
+    expected_mile2 = (w2[0] * ce[0] + w2[1] * ce[1]) / (w2[0] + w2[1])
+    assert mile_loss(logits, targets, gamma=2.0, sigma=0.5).item() == pytest.approx(expected_mile2, rel=1e-6)
+    # Focal, gamma 1: w = 1 - pt
+    wf = [1 - p0[0], 1 - p1[2]]
+    expected_focal = (wf[0] * ce[0] + wf[1] * ce[1]) / (wf[0] + wf[1])
+    assert focal_loss(logits, targets).item() == pytest.approx(expected_focal, rel=1e-6)
+    assert cross_entropy_loss(logits, targets).item() == pytest.approx(sum(ce) / 2, rel=1e-6)
+    # the entropy clamp: a probability below 1e-8 counts as 1e-8
+    tiny = torch.tensor([[0.0, -40.0]])  # p = (1, 4.2e-18)
+    assert token_entropy(tiny).item() == pytest.approx(-1e-8 * math.log(1e-8), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mile", "focal"])
+def test_gradient_is_alpha_w_p_minus_onehot_over_n(name):
+    g = torch.Generator().manual_seed(1)
+    N, V = 32, 40
+    logits, targets = torch.randn(N, V, generator=g) * 4, torch.randint(0, V, (N,), generator=g)
+    _, grad = value_and_grad(build_loss(name, gamma=1.0), logits, targets)
+    p = torch.softmax(logits, dim=-1)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    w = 1 + token_entropy(logits) if name == "mile" else 1 - torch.exp(-ce)
+    alpha = 1 / w.mean()
+    expected = alpha * w[:, None] * (p - F.one_hot(targets, V)) / N
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_bf16_input_gets_float32_math():
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(64, 300, generator=g) * 5).bfloat16()
+    targets = torch.randint(0, 300, (64,), generator=g)
+    for name in ("ce", "focal", "mile"):
+        fn = build_loss(name)
+        loss_bf16 = fn(logits, targets)
+        assert loss_bf16.dtype == torch.float32
+        assert torch.equal(loss_bf16, fn(logits.float(), targets))  # the same numbers as upcasting first
+        z = logits.clone().requires_grad_(True)
+        fn(z, targets).backward()
+        assert z.grad.dtype == torch.bfloat16  # the gradient comes back in the input's dtype
+
+
+def test_ignore_index_leaves_positions_out_of_both_means():
+    g = torch.Generator().manual_seed(3)
+    logits, targets = torch.randn(2, 10, 30, generator=g) * 2, torch.randint(0, 30, (2, 10), generator=g)
+    ignored = targets.clone()
+    ignored[0, :4] = -1
+    ignored[1, 7] = -1
+    keep = ignored != -1
+    for name in ("ce", "focal", "mile"):
+        fn = build_loss(name, gamma=1.5)
+        v1, g1 = value_and_grad(fn, logits, ignored)
+        v2, _ = value_and_grad(fn, logits[keep], targets[keep])
+        torch.testing.assert_close(v1, v2)
+        assert torch.all(g1[~keep] == 0)  # ignored positions get no gradient
+    # another ignore_index value works the same way
+    other = torch.where(keep, targets, torch.full_like(targets, -100))
+    torch.testing.assert_close(mile_loss(logits, other, ignore_index=-100), mile_loss(logits, ignored))
+
+
+def test_shapes_btv_and_nv_agree():
+    g = torch.Generator().manual_seed(4)
+    logits, targets = torch.randn(3, 5, 11, generator=g), torch.randint(0, 11, (3, 5), generator=g)
+    for name in ("ce", "focal", "mile"):
+        fn = build_loss(name)
+        torch.testing.assert_close(fn(logits, targets), fn(logits.view(15, 11), targets.view(15)))
+
+
+def test_unknown_loss_name():
+    with pytest.raises(ValueError, match="choose one of ce, focal, mile"):
+        build_loss("mse")
+
+
+# -----------------------------------------------------------------------------
+# alpha under torch.distributed: each rank's 1/mean(w), summed and divided by the world size
+
+
+def _rank_alpha(rank, world, port, logits, targets, queue):
+    import torch.distributed as dist
+
+    from mile import mile_weights, normalizer
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    z = logits[rank].clone().requires_grad_(True)
+    loss = mile_loss(z, targets[rank])
+    loss.backward()
+    alpha = normalizer(mile_weights(token_entropy(z)))
+    queue.put((rank, alpha.item(), loss.item(), z.grad))
+    dist.destroy_process_group()
+
+
+def test_distributed_alpha_is_mean_of_rank_reciprocals():
+    import torch.multiprocessing as mp
+
+    # rank 0 sees confident predictions (low entropy), rank 1 uniform ones (high entropy)
+    g = torch.Generator().manual_seed(5)
+    N, V = 16, 20
+    logits = torch.stack([torch.randn(N, V, generator=g) * 8, torch.randn(N, V, generator=g) * 0.01])
+    targets = torch.randint(0, V, (2, N), generator=g)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_alpha, args=(r, 2, port, logits, targets, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (a, l, gr)) for r, a, l, gr in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    w = [1 + token_entropy(logits[r]) for r in range(2)]
+    expected_alpha = (1 / w[0].mean() + 1 / w[1].mean()) / 2
+    assert w[0].mean() < 0.5 * w[1].mean()  # the ranks really differ
+    for r in range(2):
+        alpha, loss, grad = results[r]
+        assert alpha == pytest.approx(expected_alpha.item(), rel=1e-6)
+        ce = F.cross_entropy(logits[r], targets[r], reduction="none")
+        assert loss == pytest.approx((expected_alpha * w[r] * ce).mean().item(), rel=1e-6)
+        p = torch.softmax(logits[r], dim=-1)
+        expected_grad = expected_alpha * w[r][:, None] * (p - F.one_hot(targets[r], V)) / N
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)

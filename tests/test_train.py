@@ -1,0 +1,174 @@
+"""train.py and sample.py run as a user runs them: in subprocesses, on a tiny model, in temporary
+directories. Also every bad input a user can give them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=2", "--warmup_iters=2", "--learning_rate=1e-2"]
+
+
+def run(script, *args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def train(out_dir, *args, check=True):
+    return run("train.py", f"--out_dir={out_dir}", *TINY, *args, check=check)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_one_sentence_error(proc, *needles):
+    """A bad input exits non-zero with one line on stderr that names the problem, no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    error = [line for line in lines if line.startswith("error:")]
+    assert len(error) == 1, proc.stderr
+    for needle in needles:
+        assert needle in error[0], error[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 12-iteration MiLe run with a checkpoint at 6 and at 12."""
+    out = str(tmp_path_factory.mktemp("trained"))
+    train(out, "--max_iters=12", "--eval_interval=6")
+    return out
+
+
+def test_train_smoke_writes_log_and_checkpoint(trained):
+    records = read_log(trained)
+    assert all("iter" in r and "train_loss" in r for r in records)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 6, 12]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # it learns something
+    assert os.path.exists(os.path.join(trained, "ckpt.pt"))
+    assert not os.path.exists(os.path.join(trained, "ckpt.pt.tmp"))
+
+
+@pytest.mark.parametrize("loss", ["ce", "focal"])
+def test_every_objective_trains(tmp_path, loss):
+    proc = train(tmp_path, f"--loss={loss}", "--max_iters=4", "--eval_interval=4")
+    assert f"objective {loss}" in proc.stdout
+    evals = [r for r in read_log(tmp_path) if "val_loss" in r]
+    if loss == "ce":  # the objective is the validation metric itself
+        assert evals[-1]["val_objective"] == pytest.approx(evals[-1]["val_loss"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(full, "--max_iters=12", "--eval_interval=6")
+    train(part, "--max_iters=6", "--eval_interval=6", "--lr_decay_iters=2000")
+    # the second half: the same run continued, with the schedule the full run had
+    proc = train(part, "--init_from=resume", "--max_iters=12", "--lr_decay_iters=2000")
+    assert "resuming from" in proc.stdout and "at iteration 6" in proc.stdout
+    resumed = [r for r in read_log(part) if r["iter"] > 6 and "val_loss" not in r]
+    assert [r["iter"] for r in resumed] == [8, 10, 12]
+    straight = {r["iter"]: r["train_loss"] for r in read_log(full) if "val_loss" not in r}
+    for r in resumed:  # the same batches, the same optimizer state: the same losses
+        assert r["train_loss"] == pytest.approx(straight[r["iter"]], rel=1e-5)
+
+
+def test_config_file_and_override(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("max_iters = 3\neval_interval = 3\nloss = 'ce'\n")
+    train(tmp_path / "out", str(cfg), "--loss=focal")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["max_iters"] == 3 and config["loss"] == "focal"  # the flag after the file wins
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--lerning_rate=1e-3"], ["unknown setting 'lerning_rate'", "did you mean learning_rate", "valid keys"]),
+    (["--max_iters=ten"], ["max_iters", "must be of type int"]),
+    (["--compile=maybe"], ["compile", "must be of type bool"]),
+    (["--max_iters"], ["has no value"]),
+    (["--loss=mse"], ["loss must be one of ce, focal, mile"]),
+    (["no_such_config.py"], ["neither a --key=value setting nor a config file"]),
+    (["--dataset=no_such_data"], ["no dataset 'no_such_data'"]),
+    (["--init_from=resume"], ["no checkpoint at"]),
+])
+def test_bad_input_gets_one_sentence(tmp_path, args, needles):
+    assert_one_sentence_error(train(tmp_path, *args, check=False), *needles)
+
+
+def test_bad_config_file(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("n_layers = 2\n")
+    assert_one_sentence_error(train(tmp_path, str(cfg), check=False), "unknown setting 'n_layers'", "n_layer")
+
+
+def test_corrupt_checkpoint_is_one_sentence_and_kept(tmp_path, trained):
+    for content in [b"not a checkpoint at all", open(os.path.join(trained, "ckpt.pt"), "rb").read()[:5000]]:
+        (tmp_path / "ckpt.pt").write_bytes(content)
+        proc = train(tmp_path, "--init_from=resume", check=False)
+        assert_one_sentence_error(proc, "not a readable checkpoint", "truncated or corrupt")
+        assert (tmp_path / "ckpt.pt").read_bytes() == content  # nothing overwritten
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, trained):
+    out = tmp_path / "run"
+    train(out, "--max_iters=4", "--eval_interval=4")
+    before = (out / "ckpt.pt").read_bytes()
+    # a learning rate this large overflows the weights within a few steps
+    proc = train(out, "--init_from=resume", "--max_iters=40", "--learning_rate=1e30", "--grad_clip=0.0",
+                 "--warmup_iters=0", check=False)
+    assert_one_sentence_error(proc, "the last good checkpoint", "is kept")
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+def test_sample_smoke(trained):
+    proc = run("sample.py", f"--out_dir={trained}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=20",
+               "--seed=3")
+    samples = proc.stdout.split("---------------\n")
+    assert len(samples) == 3 and samples[-1] == ""
+    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 20 + 1 for s in samples[:2])
+    again = run("sample.py", f"--out_dir={trained}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=20",
+                "--seed=3")
+    assert again.stdout == proc.stdout  # the seed fixes the samples
+
+
+def test_sample_prompt_from_file_and_greedy(trained, tmp_path):
+    (tmp_path / "prompt.txt").write_text("JULIET:\n")
+    proc = run("sample.py", f"--out_dir={trained}", f"--start=FILE:{tmp_path / 'prompt.txt'}", "--num_samples=2",
+               "--max_new_tokens=10", "--temperature=0")
+    first, second = proc.stdout.split("---------------\n")[:2]
+    assert first.startswith("JULIET:\n") and first == second  # greedy decoding does not depend on the draw
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--start=caf\u00e9"], ["'\u00e9'", "character vocabulary lacks"]),
+    (["--start="], ["prompt is empty"]),
+    (["--start=FILE:/no/such/file.txt"], ["cannot read the prompt file"]),
+    (["--num_samples=0"], ["num_samples must be at least 1"]),
+])
+def test_sample_bad_input(trained, args, needles):
+    assert_one_sentence_error(run("sample.py", f"--out_dir={trained}", *args, check=False), *needles)
+
+
+def test_sample_bad_checkpoints(tmp_path):
+    assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path}", check=False), "no checkpoint at")
+    (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
+    assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path}", check=False), "not a readable checkpoint")
+    assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path / 'missing'}", check=False), "no checkpoint at")
+
+
+def test_sample_unknown_flag(trained):
+    proc = run("sample.py", f"--out_dir={trained}", "--temprature=0.5", check=False)
+    assert proc.returncode != 0 and "unrecognized arguments: --temprature=0.5" in proc.stderr

@@ -1,0 +1,353 @@
+"""
+Train a GPT with cross-entropy, Focal or MiLe loss, nanoGPT-style: one script, read top to bottom.
+
+On a laptop CPU, no arguments: prepares Shakespeare-char if it is missing, then trains a small
+MiLe model for about two minutes:
+    python train.py
+Choose the objective, or any other setting below, with --key=value, after an optional config file:
+    python train.py --loss=ce
+    python train.py config/train_shakespeare_char.py --loss=focal --gamma=1
+Continue a run from its last checkpoint:
+    python train.py --out_dir=out --init_from=resume
+"""
+
+import difflib
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from ast import literal_eval
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mile import LOSSES, cross_entropy_loss
+from model import GPT, GPTConfig, load_checkpoint, peak_flops
+
+# -----------------------------------------------------------------------------
+# default config: the laptop-CPU run on Shakespeare-char (figures in the README)
+# I/O
+out_dir = "out"
+eval_interval = 250  # evaluate and save a checkpoint every this many iterations, and at the end
+log_interval = 50
+eval_iters = 25  # batches per split in an evaluation
+eval_only = False  # evaluate once and exit
+init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+# data
+dataset = "shakespeare_char"  # a folder in data/ holding train.bin, val.bin and meta.pkl
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+batch_size = 12  # sequences per micro-batch
+block_size = 64  # context length
+# model
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+bias = False
+# objective
+loss = "mile"  # "ce", "focal" or "mile"
+gamma = 1.0  # exponent of the Focal / MiLe weight; 1.0 in every run of the paper
+sigma = 1.0  # MiLe: w = (sigma + H) ** gamma
+# AdamW
+learning_rate = 3e-3  # 3x nanoGPT's CPU recipe: a tiny model takes a large step
+max_iters = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # clip gradients at this norm; 0 disables
+# learning rate schedule: linear warm-up, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 2000  # usually max_iters
+min_lr = 1e-4
+# system
+device = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
+dtype = "auto"  # "auto" is bfloat16 on a CUDA GPU that has it, else float32; or float32|bfloat16|float16
+compile = False  # torch.compile the model: faster steps after a slow first one
+seed = 1337
+peak_flops_per_s = 0.0  # the denominator of MFU; 0 looks the GPU up in model.PEAK_FLOPS
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+
+def fail(message):
+    """Stop with one sentence for the user, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def set_config(key, value, source):
+    """Set one config key, checking the key exists and the value has the default's type."""
+    if key not in config_keys:
+        close = difflib.get_close_matches(key, config_keys, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        fail(f"unknown setting {key!r} in {source}{hint}; the valid keys are: {', '.join(config_keys)}")
+    default = globals()[key]
+    if isinstance(default, bool):
+        value = {"true": True, "false": False}.get(str(value).lower(), value)
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        fail(f"{key} in {source} must be of type {type(default).__name__} (like {default!r}), not {value!r}")
+    globals()[key] = value
+
+
+# an optional config file (python that assigns keys), then --key=value overrides, in order
+explicit = set()  # the keys set here win over the ones a resumed checkpoint brings
+for arg in sys.argv[1:]:
+    if arg.startswith("--"):
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            fail(f"{arg} has no value; write --{key}=VALUE")
+        try:
+            value = literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word is a string
+        if isinstance(globals().get(key), str):
+            value = text
+        set_config(key, value, arg)
+        explicit.add(key)
+    elif os.path.isfile(arg):
+        settings = {}
+        try:
+            exec(open(arg).read(), {}, settings)
+        except Exception as e:
+            fail(f"config file {arg} does not run: {type(e).__name__}: {e}")
+        for key, value in settings.items():
+            if not key.startswith("_"):
+                set_config(key, value, arg)
+                explicit.add(key)
+    else:
+        fail(f"{arg!r} is neither a --key=value setting nor a config file")
+
+# a resumed run continues with its own settings, except those given above
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint = None
+if init_from == "resume":
+    checkpoint = load_checkpoint(ckpt_path)
+    for key, value in checkpoint["config"].items():
+        if key in config_keys and key not in explicit and key not in ("out_dir", "init_from", "device"):
+            globals()[key] = value
+elif init_from != "scratch":
+    fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
+if loss not in LOSSES:
+    fail(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+config = {k: globals()[k] for k in config_keys}
+
+# -----------------------------------------------------------------------------
+# system: device, precision, seeds
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device_type = device.split(":")[0]
+if device_type == "cuda" and not torch.cuda.is_available():
+    fail(f"device {device} asked for, but this PyTorch sees no CUDA GPU; use --device=cpu")
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if dtype not in ("float32", "bfloat16", "float16"):
+    fail(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+ptdtype = getattr(torch, dtype)
+# autocast runs the matmuls in bf16/fp16 and keeps the weights and the loss math (mile.py) in float32
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # fp16 needs loss scaling
+torch.manual_seed(seed)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# data: uint16 token ids in data/<dataset>/{train,val}.bin, read through a memmap
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+meta_path = os.path.join(data_dir, "meta.pkl")
+if not os.path.exists(meta_path):
+    prepare = os.path.join(data_dir, "prepare.py")
+    if not os.path.exists(prepare):
+        fail(f"no dataset {dataset!r}: data/{dataset}/ has no meta.pkl and no prepare.py to make one")
+    print(f"dataset {dataset} is not prepared yet: running data/{dataset}/prepare.py")
+    if subprocess.run([sys.executable, prepare]).returncode != 0 or not os.path.exists(meta_path):
+        fail(f"data/{dataset}/prepare.py failed; see its message above, fix that, and run again")
+with open(meta_path, "rb") as f:
+    meta = pickle.load(f)
+for split in ("train", "val"):
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path) or os.path.getsize(path) // 2 <= block_size:
+        fail(f"{path} is missing or shorter than block_size + 1 tokens; run python data/{dataset}/prepare.py")
+
+
+def get_batch(split, step, micro_step):
+    """batch_size random windows of `split`. The draw is a pure function of (seed, split, step,
+    micro_step), so a resumed run sees exactly the batches an uninterrupted one would have seen.
+    step=None draws the fixed evaluation batches."""
+    # a fresh memmap per batch: a long-lived one leaks memory (nanoGPT's note)
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    stream = [0] if step is None else [1, step]  # evaluation and training draw from separate streams
+    rng = np.random.default_rng([seed, ("train", "val").index(split), *stream, micro_step])
+    ix = rng.integers(len(data) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=meta["vocab_size"], dropout=dropout, loss=loss, gamma=gamma, sigma=sigma)
+iter_num, best_val_loss = 0, float("inf")
+if checkpoint is not None:
+    shape_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+    for key in shape_keys:
+        if model_args[key] != checkpoint["model_args"][key]:
+            fail(f"{key}={model_args[key]} differs from the checkpoint's {checkpoint['model_args'][key]}; "
+                 f"a resumed run keeps the shape it was saved with")
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    print(f"resuming from {ckpt_path} at iteration {iter_num}")
+model = GPT(GPTConfig(**model_args))
+if checkpoint is not None:
+    model.load_state_dict(checkpoint["model"])
+model.to(device)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng_cpu"])  # dropout draws continue where they stopped
+    if device_type == "cuda" and checkpoint.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+    checkpoint = None  # free the memory
+raw_model = model  # the un-compiled module: its state_dict is what we save
+if compile:
+    print("compiling the model (the first iterations are slow)")
+    model = torch.compile(model)
+print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, objective {loss}"
+      + (f" (gamma {gamma}" + (f", sigma {sigma})" if loss == "mile" else ")") if loss != "ce" else "")
+      + f", on {device} in {dtype}")
+
+# MFU: achieved FLOP/s over the device's peak, when we know the peak
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+peak = peak_flops_per_s or (peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """The training objective and plain cross-entropy on eval_iters fixed batches of each split:
+    CE is what makes CE, Focal and MiLe runs comparable."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        objective, ce = torch.zeros(eval_iters), torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, None, k)  # the same batches at every evaluation
+            with ctx:
+                logits, batch_loss = model(X, Y)
+            objective[k], ce[k] = batch_loss.item(), cross_entropy_loss(logits, Y).item()
+        out[split] = (objective.mean().item(), ce.mean().item())
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warm-up for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    """Write ckpt.pt atomically: a temporary file, flushed to disk, then renamed over the old one,
+    so a kill at any moment leaves the last good checkpoint intact."""
+    state = {
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args, "meta": meta,
+        "config": config, "iter_num": iter_num, "best_val_loss": best_val_loss, "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None,
+    }
+    tmp = ckpt_path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_path)
+
+
+def log(record):
+    """One JSON object per line in out_dir/log.jsonl."""
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# training loop
+with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+first_iter = iter_num  # a resumed run does not save again the state it started from
+progress = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=None)
+t_last, iters_since_log = time.time(), 0
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    # evaluate, then save: the checkpoint is the latest good state (never a NaN one)
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        losses = estimate_loss()
+        (train_obj, train_ce), (val_obj, val_ce) = losses["train"], losses["val"]
+        if not all(math.isfinite(v) for v in (train_obj, val_obj)):
+            fail(f"the loss became {val_obj} at iteration {iter_num}; the last good checkpoint {ckpt_path} is "
+                 f"kept: lower learning_rate (now {learning_rate}) or raise warmup_iters and resume or restart")
+        progress.write(f"iter {iter_num}: train {loss} {train_obj:.4f}, train ce {train_ce:.4f}, "
+                       f"val ce {val_ce:.4f} (ppl {math.exp(val_ce):.2f})")
+        log({"iter": iter_num, "train_loss": train_obj, "train_ce": train_ce, "val_loss": val_ce,
+             "val_objective": val_obj, "lr": lr})
+        best_val_loss = min(best_val_loss, val_ce)
+        if eval_only:
+            break
+        if iter_num > first_iter:
+            save_checkpoint()
+        t_last = time.time()  # evaluation time does not count against tokens/s
+    if iter_num >= max_iters:
+        break
+
+    # one optimizer step over gradient_accumulation_steps micro-batches
+    train_loss = 0.0
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch("train", iter_num, micro_step)
+        with ctx:
+            _, batch_loss = model(X, Y)
+            batch_loss = batch_loss / gradient_accumulation_steps  # the step sees the mean over micro-batches
+        scaler.scale(batch_loss).backward()
+        train_loss += batch_loss.detach()
+    if grad_clip > 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    iters_since_log += 1
+    progress.update(1)
+
+    if iter_num % log_interval == 0:
+        train_loss = train_loss.item()  # waits for the GPU: only once per log interval
+        if not math.isfinite(train_loss):
+            fail(f"the training loss became {train_loss} at iteration {iter_num}; the last good checkpoint "
+                 f"{ckpt_path} is kept: lower learning_rate (now {learning_rate}) or raise warmup_iters")
+        dt = (time.time() - t_last) / iters_since_log
+        tokens_per_s = tokens_per_iter / dt
+        mfu = raw_model.flops_per_token() * tokens_per_s / peak if peak else None
+        progress.write(f"iter {iter_num}: {loss} {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/it, "
+                       f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a"))
+        log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+        t_last, iters_since_log = time.time(), 0
+progress.close()
