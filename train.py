@@ -293,7 +293,8 @@ with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
 first_iter = iter_num  # a resumed run does not save again the state it started from
 progress = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=None)
-t_last, iters_since_log = time.time(), 0
+t_start = t_last = time.time()
+iters_since_log = 0
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
@@ -351,3 +352,5 @@ while True:
         log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
         t_last, iters_since_log = time.time(), 0
 progress.close()
+if not eval_only:
+    print(f"done: {iter_num} iterations, val ce {val_ce:.4f}, {time.time() - t_start:.0f} s; checkpoint in {ckpt_path}")
