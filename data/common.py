@@ -9,10 +9,13 @@ import base64
 import fnmatch
 import hashlib
 import os
+import pickle
 import subprocess
 import sys
 import tarfile
 import tempfile
+
+import numpy as np
 
 CACHE_DIR = os.environ.get("NANOMILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanomile"))
 
@@ -79,3 +82,17 @@ def gpt2_encoding():
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+def write_dataset(out_dir, splits, meta):
+    """Write {split}.bin (uint16 token ids) for each split, then meta.pkl, each atomically; meta.pkl
+    comes last, so its presence says the dataset is complete."""
+    for split, ids in splits.items():
+        path = os.path.join(out_dir, f"{split}.bin")
+        np.asarray(ids, dtype=np.uint16).tofile(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"{split}.bin: {len(ids):,} tokens")
+    path = os.path.join(out_dir, "meta.pkl")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(meta, f)
+    os.replace(path + ".tmp", path)
