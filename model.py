@@ -13,7 +13,12 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mile import build_loss
+from mile import DEFAULT_CHUNK_SIZE, build_loss, chunked_loss
+
+# torch.compile of the whole model stops at the chunked loss: its loop over chunks stays in Python
+# and its per-chunk math is compiled on its own (compile_loss)
+head_chunked_loss = torch.compiler.disable(chunked_loss)
+
 
 
 @dataclass
@@ -28,6 +33,9 @@ class GPTConfig:
     loss: str = "mile"  # training objective: "ce", "focal" or "mile" (see mile.py)
     gamma: float = 1.0  # exponent of the Focal / MiLe weight
     sigma: float = 1.0  # MiLe's offset: w = (sigma + H) ** gamma
+    chunked_loss: bool = True  # output layer + loss through mile.chunked_loss: no (B, T, V) logits
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE  # rows of logits per chunk
+    compile_loss: bool = False  # torch.compile the per-chunk loss math (fast on GPUs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,7 +98,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
-        self.loss_fn = build_loss(config.loss, config.gamma, config.sigma)
 
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per residual add
@@ -112,9 +119,11 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> (logits (B, T, V), training loss) with targets,
-        (logits (B, 1, V) of the last position, None) without: all generation needs."""
+    def forward(self, idx, targets=None, objective=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss) with targets, the loss being the config's
+        objective unless `objective` names another ("ce", "focal", "mile"); with chunked_loss the
+        logits are never made and None comes back in their place. Without targets:
+        (logits (B, 1, V) of the last position, None), all that generation needs."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
@@ -124,8 +133,13 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
+        cfg = self.config
+        objective = objective or cfg.loss
+        if cfg.chunked_loss:
+            return None, head_chunked_loss(x, self.lm_head.weight, targets, objective, cfg.gamma, cfg.sigma,
+                                           chunk_size=cfg.loss_chunk_size, compiled=cfg.compile_loss)
         logits = self.lm_head(x)
-        return logits, self.loss_fn(logits, targets)
+        return logits, build_loss(objective, cfg.gamma, cfg.sigma)(logits, targets)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on the matrices (Linear weights, embeddings) only, not on

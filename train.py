@@ -9,6 +9,9 @@ Choose the objective, or any other setting below, with --key=value, after an opt
     python train.py config/train_shakespeare_char.py --loss=focal --gamma=1
 Continue a run from its last checkpoint:
     python train.py --out_dir=out --init_from=resume
+On several devices, one process each, through torchrun (DDP; --parallel=fsdp shards the model):
+    torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare.py
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 """
 
 import difflib
@@ -24,9 +27,13 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from mile import LOSSES, cross_entropy_loss
+from mile import LOSSES
 from model import GPT, GPTConfig, load_checkpoint, peak_flops
 
 # -----------------------------------------------------------------------------
@@ -53,6 +60,9 @@ bias = False
 loss = "mile"  # "ce", "focal" or "mile"
 gamma = 1.0  # exponent of the Focal / MiLe weight; 1.0 in every run of the paper
 sigma = 1.0  # MiLe: w = (sigma + H) ** gamma
+chunked_loss = True  # output layer + loss in chunks (mile.chunked_loss): never the whole (B, T, V) logits
+loss_chunk_size = 512  # rows of logits per chunk (mile.DEFAULT_CHUNK_SIZE)
+compile_loss = False  # torch.compile the per-chunk loss math: much faster on a GPU, slow to start on a CPU
 # AdamW
 learning_rate = 3e-3  # 3x nanoGPT's CPU recipe: a tiny model takes a large step
 max_iters = 2000
@@ -70,14 +80,16 @@ device = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
 dtype = "auto"  # "auto" is bfloat16 on a CUDA GPU that has it, else float32; or float32|bfloat16|float16
 compile = False  # torch.compile the model: faster steps after a slow first one
 seed = 1337
+parallel = "ddp"  # under torchrun: "ddp" (a model copy per process) or "fsdp" (FSDP2: parameters, gradients, optimizer state sharded)
 peak_flops_per_s = 0.0  # the denominator of MFU; 0 looks the GPU up in model.PEAK_FLOPS
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 
 def fail(message):
-    """Stop with one sentence for the user, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    """Stop with one sentence for the user (from the first process only), no traceback."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
 
@@ -143,15 +155,32 @@ elif init_from != "scratch":
     fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 if loss not in LOSSES:
     fail(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+if parallel not in ("ddp", "fsdp"):
+    fail(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
 config = {k: globals()[k] for k in config_keys}
 
 # -----------------------------------------------------------------------------
-# system: device, precision, seeds
+# system: processes, device, precision, seeds
+# torchrun starts one process per device and sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+# `python train.py` runs the same code as the only process
+distributed = "RANK" in os.environ
+rank, local_rank, world_size = (int(os.environ.get(k, "0")) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+world_size = max(world_size, 1)
+master = rank == 0  # the one process that prints, logs and writes files
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 device_type = device.split(":")[0]
 if device_type == "cuda" and not torch.cuda.is_available():
     fail(f"device {device} asked for, but this PyTorch sees no CUDA GPU; use --device=cpu")
+if gradient_accumulation_steps % world_size:
+    fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the number of "
+         f"processes ({world_size}): each takes an equal share of the micro-batches of a step")
+micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
+if distributed:
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 if dtype not in ("float32", "bfloat16", "float16"):
@@ -160,23 +189,26 @@ ptdtype = getattr(torch, dtype)
 # autocast runs the matmuls in bf16/fp16 and keeps the weights and the loss math (mile.py) in float32
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # fp16 needs loss scaling
-torch.manual_seed(seed)
+torch.manual_seed(seed)  # the same initial weights in every process
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-os.makedirs(out_dir, exist_ok=True)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
 # data: uint16 token ids in data/<dataset>/{train,val}.bin, read through a memmap
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 meta_path = os.path.join(data_dir, "meta.pkl")
-if not os.path.exists(meta_path):
+if master and not os.path.exists(meta_path):
     prepare = os.path.join(data_dir, "prepare.py")
     if not os.path.exists(prepare):
         fail(f"no dataset {dataset!r}: data/{dataset}/ has no meta.pkl and no prepare.py to make one")
     print(f"dataset {dataset} is not prepared yet: running data/{dataset}/prepare.py")
     if subprocess.run([sys.executable, prepare]).returncode != 0 or not os.path.exists(meta_path):
         fail(f"data/{dataset}/prepare.py failed; see its message above, fix that, and run again")
+if distributed:
+    dist.barrier()  # the others wait while the first process prepares the data
 with open(meta_path, "rb") as f:
     meta = pickle.load(f)
 for split in ("train", "val"):
@@ -187,7 +219,8 @@ for split in ("train", "val"):
 
 def get_batch(split, step, micro_step):
     """batch_size random windows of `split`. The draw is a pure function of (seed, split, step,
-    micro_step), so a resumed run sees exactly the batches an uninterrupted one would have seen.
+    micro_step), so a resumed run sees exactly the batches an uninterrupted one would have seen,
+    whatever the number of processes: process r takes micro-steps r * micro_steps ... of each step.
     step=None draws the fixed evaluation batches."""
     # a fresh memmap per batch: a long-lived one leaks memory (nanoGPT's note)
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
@@ -204,7 +237,8 @@ def get_batch(split, step, micro_step):
 # -----------------------------------------------------------------------------
 # model and optimizer
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta["vocab_size"], dropout=dropout, loss=loss, gamma=gamma, sigma=sigma)
+                  vocab_size=meta["vocab_size"], dropout=dropout, loss=loss, gamma=gamma, sigma=sigma,
+                  chunked_loss=chunked_loss, loss_chunk_size=loss_chunk_size, compile_loss=compile_loss)
 iter_num, best_val_loss = 0, float("inf")
 if checkpoint is not None:
     shape_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
@@ -213,29 +247,45 @@ if checkpoint is not None:
             fail(f"{key}={model_args[key]} differs from the checkpoint's {checkpoint['model_args'][key]}; "
                  f"a resumed run keeps the shape it was saved with")
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    print(f"resuming from {ckpt_path} at iteration {iter_num}")
-model = GPT(GPTConfig(**model_args))
+    if master:
+        print(f"resuming from {ckpt_path} at iteration {iter_num}")
+model = GPT(GPTConfig(**model_args)).to(device)
+raw_model = model  # the module whose state we save and load: plain, or sharded in place by FSDP
+torch.manual_seed(seed + rank)  # but dropout differs between processes (the data is drawn apart)
+if distributed and parallel == "fsdp":
+    # FSDP2: each block's parameters, gradients and optimizer state are split across the processes
+    # and gathered only while that block computes; the root takes the embeddings and the head
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# full (unsharded) state dicts keyed by parameter name: a checkpoint saved by N processes, DDP or
+# FSDP, loads in M processes or in one (sample.py)
+full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
 if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
-model.to(device)
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng_cpu"])  # dropout draws continue where they stopped
-    if device_type == "cuda" and checkpoint.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+    set_model_state_dict(raw_model, checkpoint["model"], options=full_state)
+    set_optimizer_state_dict(raw_model, optimizer, checkpoint["optimizer"], options=full_state)
+    rng = checkpoint["rng"][rank % len(checkpoint["rng"])]  # dropout draws continue where they stopped
+    torch.set_rng_state(rng["cpu"])
+    if device_type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
     checkpoint = None  # free the memory
-raw_model = model  # the un-compiled module: its state_dict is what we save
 if compile:
-    print("compiling the model (the first iterations are slow)")
+    if master:
+        print("compiling the model (the first iterations are slow)")
     model = torch.compile(model)
-print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, objective {loss}"
-      + (f" (gamma {gamma}" + (f", sigma {sigma})" if loss == "mile" else ")") if loss != "ce" else "")
-      + f", on {device} in {dtype}")
+if distributed and parallel == "ddp":
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if master:
+    print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, objective {loss}"
+          + (f" (gamma {gamma}" + (f", sigma {sigma})" if loss == "mile" else ")") if loss != "ce" else "")
+          + f", on {world_size} x {device_type} ({parallel if distributed else 'one process'}) in {dtype}")
 
 # MFU: achieved FLOP/s over the device's peak, when we know the peak
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all processes
 peak = peak_flops_per_s or (peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
+peak = peak * world_size if peak else None
 
 
 @torch.no_grad()
@@ -249,8 +299,8 @@ def estimate_loss():
         for k in range(eval_iters):
             X, Y = get_batch(split, None, k)  # the same batches at every evaluation
             with ctx:
-                logits, batch_loss = model(X, Y)
-            objective[k], ce[k] = batch_loss.item(), cross_entropy_loss(logits, Y).item()
+                ce[k] = model(X, Y, objective="ce")[1].item()
+                objective[k] = ce[k] if loss == "ce" else model(X, Y)[1].item()
         out[split] = (objective.mean().item(), ce.mean().item())
     model.train()
     return out
@@ -269,16 +319,26 @@ def get_lr(it):
 def save_checkpoint():
     """Write ckpt.pt atomically: a temporary file, flushed to disk, then renamed over the old one,
     so a kill at any moment leaves the last good checkpoint intact."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}
+    rngs = [None] * world_size
+    if distributed:
+        dist.all_gather_object(rngs, rng)  # every process's dropout stream
+    else:
+        rngs = [rng]
+    if not (master or parallel == "fsdp"):
+        return  # with DDP the first process holds everything; with FSDP every process helps gather it
     state = {
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args, "meta": meta,
-        "config": config, "iter_num": iter_num, "best_val_loss": best_val_loss, "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None,
+        "model": get_model_state_dict(raw_model, options=full_state),
+        "optimizer": get_optimizer_state_dict(raw_model, optimizer, options=full_state),
+        "model_args": model_args, "meta": meta, "config": config, "iter_num": iter_num,
+        "best_val_loss": best_val_loss, "rng": rngs,
     }
-    tmp = ckpt_path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
+    if master:
+        tmp = ckpt_path + ".tmp"
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt_path)
 
 
 def log(record):
@@ -288,11 +348,13 @@ def log(record):
 
 
 # -----------------------------------------------------------------------------
-# training loop
-with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+# training loop: every process trains and evaluates (on the same evaluation batches); the first
+# process alone prints, logs and writes the checkpoint
+if master:
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 first_iter = iter_num  # a resumed run does not save again the state it started from
-progress = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=None)
+progress = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=None if master else True)
 t_start = t_last = time.time()
 iters_since_log = 0
 while True:
@@ -307,10 +369,11 @@ while True:
         if not all(math.isfinite(v) for v in (train_obj, val_obj)):
             fail(f"the loss became {val_obj} at iteration {iter_num}; the last good checkpoint {ckpt_path} is "
                  f"kept: lower learning_rate (now {learning_rate}) or raise warmup_iters and resume or restart")
-        progress.write(f"iter {iter_num}: train {loss} {train_obj:.4f}, train ce {train_ce:.4f}, "
-                       f"val ce {val_ce:.4f} (ppl {math.exp(val_ce):.2f})")
-        log({"iter": iter_num, "train_loss": train_obj, "train_ce": train_ce, "val_loss": val_ce,
-             "val_objective": val_obj, "lr": lr})
+        if master:
+            progress.write(f"iter {iter_num}: train {loss} {train_obj:.4f}, train ce {train_ce:.4f}, "
+                           f"val ce {val_ce:.4f} (ppl {math.exp(val_ce):.2f})")
+            log({"iter": iter_num, "train_loss": train_obj, "train_ce": train_ce, "val_loss": val_ce,
+                 "val_objective": val_obj, "lr": lr})
         best_val_loss = min(best_val_loss, val_ce)
         if eval_only:
             break
@@ -320,14 +383,18 @@ while True:
     if iter_num >= max_iters:
         break
 
-    # one optimizer step over gradient_accumulation_steps micro-batches
-    train_loss = 0.0
-    for micro_step in range(gradient_accumulation_steps):
-        X, Y = get_batch("train", iter_num, micro_step)
-        with ctx:
-            _, batch_loss = model(X, Y)
-            batch_loss = batch_loss / gradient_accumulation_steps  # the step sees the mean over micro-batches
-        scaler.scale(batch_loss).backward()
+    # one optimizer step over gradient_accumulation_steps micro-batches, micro_steps in each process
+    train_loss = torch.zeros((), device=device)
+    for micro_step in range(micro_steps):
+        last = micro_step == micro_steps - 1  # the gradients are averaged across processes only then
+        X, Y = get_batch("train", iter_num, rank * micro_steps + micro_step)
+        if distributed and parallel == "fsdp":
+            model.set_requires_gradient_sync(last)
+        with model.no_sync() if distributed and parallel == "ddp" and not last else nullcontext():
+            with ctx:
+                _, batch_loss = model(X, Y)
+                batch_loss = batch_loss / micro_steps  # the step sees the mean over micro-batches
+            scaler.scale(batch_loss).backward()
         train_loss += batch_loss.detach()
     if grad_clip > 0.0:
         scaler.unscale_(optimizer)
@@ -340,6 +407,9 @@ while True:
     progress.update(1)
 
     if iter_num % log_interval == 0:
+        if distributed:  # the mean over all the step's micro-batches, not just this process's
+            dist.all_reduce(train_loss)
+            train_loss /= world_size
         train_loss = train_loss.item()  # waits for the GPU: only once per log interval
         if not math.isfinite(train_loss):
             fail(f"the training loss became {train_loss} at iteration {iter_num}; the last good checkpoint "
@@ -347,10 +417,13 @@ while True:
         dt = (time.time() - t_last) / iters_since_log
         tokens_per_s = tokens_per_iter / dt
         mfu = raw_model.flops_per_token() * tokens_per_s / peak if peak else None
-        progress.write(f"iter {iter_num}: {loss} {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/it, "
-                       f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a"))
-        log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+        if master:
+            progress.write(f"iter {iter_num}: {loss} {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/it, "
+                           f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a"))
+            log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
         t_last, iters_since_log = time.time(), 0
 progress.close()
-if not eval_only:
+if master and not eval_only:
     print(f"done: {iter_num} iterations, val ce {val_ce:.4f}, {time.time() - t_start:.0f} s; checkpoint in {ckpt_path}")
+if distributed:
+    dist.destroy_process_group()

@@ -19,3 +19,5 @@ lr_decay_iters = 3000
 min_lr = 6e-5
 beta2 = 0.99
 warmup_iters = 100
+compile = True  # a GPU config: compile the model and the chunked loss
+compile_loss = True

@@ -18,3 +18,5 @@ lr_decay_iters = 5000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
+compile = True  # a GPU config: compile the model and the chunked loss
+compile_loss = True

@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 import sys
 
 import pytest
@@ -150,53 +149,3 @@ def test_shapes_btv_and_nv_agree():
 def test_unknown_loss_name():
     with pytest.raises(ValueError, match="choose one of ce, focal, mile"):
         build_loss("mse")
-
-
-# -----------------------------------------------------------------------------
-# alpha under torch.distributed: each rank's 1/mean(w), summed and divided by the world size
-
-
-def _rank_alpha(rank, world, port, logits, targets, queue):
-    import torch.distributed as dist
-
-    from mile import mile_weights, normalizer
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    z = logits[rank].clone().requires_grad_(True)
-    loss = mile_loss(z, targets[rank])
-    loss.backward()
-    alpha = normalizer(mile_weights(token_entropy(z)))
-    queue.put((rank, alpha.item(), loss.item(), z.grad))
-    dist.destroy_process_group()
-
-
-def test_distributed_alpha_is_mean_of_rank_reciprocals():
-    import torch.multiprocessing as mp
-
-    # rank 0 sees confident predictions (low entropy), rank 1 uniform ones (high entropy)
-    g = torch.Generator().manual_seed(5)
-    N, V = 16, 20
-    logits = torch.stack([torch.randn(N, V, generator=g) * 8, torch.randn(N, V, generator=g) * 0.01])
-    targets = torch.randint(0, V, (2, N), generator=g)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_alpha, args=(r, 2, port, logits, targets, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, (a, l, gr)) for r, a, l, gr in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    w = [1 + token_entropy(logits[r]) for r in range(2)]
-    expected_alpha = (1 / w[0].mean() + 1 / w[1].mean()) / 2
-    assert w[0].mean() < 0.5 * w[1].mean()  # the ranks really differ
-    for r in range(2):
-        alpha, loss, grad = results[r]
-        assert alpha == pytest.approx(expected_alpha.item(), rel=1e-6)
-        ce = F.cross_entropy(logits[r], targets[r], reduction="none")
-        assert loss == pytest.approx((expected_alpha * w[r] * ce).mean().item(), rel=1e-6)
-        p = torch.softmax(logits[r], dim=-1)
-        expected_grad = expected_alpha * w[r][:, None] * (p - F.one_hot(targets[r], V)) / N
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mile import mile_loss  # noqa: E402
@@ -13,7 +14,8 @@ from model import GPT, GPTConfig, peak_flops  # noqa: E402
 
 def tiny(**kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32), **kw})).eval()
+    defaults = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, chunked_loss=False)
+    return GPT(GPTConfig(**{**defaults, **kw})).eval()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -39,6 +41,25 @@ def test_forward_loss_is_the_configured_objective():
     last, none = model(idx)
     assert none is None and last.shape == (3, 1, 50)
     torch.testing.assert_close(last[:, 0], logits[:, -1])
+
+
+@pytest.mark.parametrize("loss", ["ce", "focal", "mile"])
+def test_chunked_training_loss_matches_readable(loss):
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    reference_ce = F.cross_entropy(tiny()(idx, targets)[0].view(-1, 50), targets.view(-1))
+    results = []
+    for chunked in (False, True):
+        model = tiny(loss=loss, chunked_loss=chunked, loss_chunk_size=7).train()  # the same weights each time
+        logits, value = model(idx, targets)
+        assert (logits is None) == chunked
+        value.backward()
+        results.append((value, {n: p.grad for n, p in model.named_parameters()}))
+        # evaluation asks for plain CE, whatever the objective
+        torch.testing.assert_close(model(idx, targets, objective="ce")[1], reference_ce)
+    (v1, g1), (v2, g2) = results
+    torch.testing.assert_close(v2, v1, rtol=1e-5, atol=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6)
 
 
 def test_tied_embeddings_and_param_groups():

@@ -1,0 +1,236 @@
+"""Several processes on the CPU (gloo): the all-reduced alpha, DDP and FSDP2 runs of train.py
+against one process, and resuming after a kill."""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mile import chunked_loss, mile_loss, token_entropy  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--warmup_iters=2", "--learning_rate=1e-2", "--log_interval=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same threads, the same float sums
+
+
+def train(out_dir, *args, nproc=1, check=True):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def step_losses(out_dir):
+    """iteration -> training loss, from log.jsonl (the last record of an iteration wins)."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["iter"]: r["train_loss"] for r in map(json.loads, f) if "val_loss" not in r}
+
+
+def last_logged(out_dir):
+    """The last training iteration in a log being written (0 before there is one)."""
+    try:
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["iter"]
+        except json.JSONDecodeError:  # a line still being written
+            continue
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# two processes started by the test, for what happens inside a step
+
+
+def run_ranks(fn, *args, world=2):
+    """Run fn(rank, world, *args) in `world` gloo processes; return what each put in the queue."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, queue, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return [torch.load(io.BytesIO(results[r])) for r in range(world)]
+
+
+def _rank_main(fn, rank, world, port, queue, args):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    buffer = io.BytesIO()  # bytes, not tensors: shared-memory tensors die with this process
+    torch.save(fn(rank, world, *args), buffer)
+    queue.put((rank, buffer.getvalue()))
+    dist.destroy_process_group()
+
+
+def _alpha_and_grad(rank, world, logits, targets, chunked):
+    from mile import mean_over_ranks, mile_weights
+    if chunked:  # logits = hidden @ I: the chunked path on the same numbers
+        hidden = logits[rank].clone().requires_grad_(True)
+        eye = torch.eye(logits.size(-1))
+        loss = chunked_loss(hidden, eye, targets[rank], chunk_size=5, compiled=False)
+        loss.backward()
+        grad = hidden.grad
+    else:
+        z = logits[rank].clone().requires_grad_(True)
+        loss = mile_loss(z, targets[rank])
+        loss.backward()
+        grad = z.grad
+    alpha = mean_over_ranks(1.0 / mile_weights(token_entropy(logits[rank])).mean())
+    return alpha.item(), loss.item(), grad
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_alpha_is_mean_of_rank_reciprocals(chunked):
+    # rank 0 sees confident predictions (low entropy), rank 1 uniform ones (high entropy)
+    g = torch.Generator().manual_seed(5)
+    N, V = 16, 20
+    logits = torch.stack([torch.randn(N, V, generator=g) * 8, torch.randn(N, V, generator=g) * 0.01])
+    targets = torch.randint(0, V, (2, N), generator=g)
+    results = run_ranks(_alpha_and_grad, logits, targets, chunked)
+    w = [1 + token_entropy(logits[r]) for r in range(2)]
+    assert w[0].mean() < 0.5 * w[1].mean()  # the ranks really differ
+    expected_alpha = (1 / w[0].mean() + 1 / w[1].mean()) / 2  # the spec's mean of reciprocals
+    for r, (alpha, loss, grad) in enumerate(results):
+        assert alpha == pytest.approx(expected_alpha.item(), rel=1e-6)
+        ce = F.cross_entropy(logits[r], targets[r], reduction="none")
+        assert loss == pytest.approx((expected_alpha * w[r] * ce).mean().item(), rel=1e-6)
+        p = torch.softmax(logits[r], dim=-1)
+        expected_grad = expected_alpha * w[r][:, None] * (p - F.one_hot(targets[r], V)) / N
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
+
+
+def tiny_model(loss, chunked):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=16, loss=loss, chunked_loss=chunked,
+                          loss_chunk_size=5))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # sharp, varied predictions: entropies (and alphas) differ by batch
+    return model
+
+
+def _ddp_grads(rank, world, idx, targets, loss, chunked):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(tiny_model(loss, chunked))
+    model(idx[rank], targets[rank])[1].backward()  # DDP averages the gradients over the ranks
+    return {n: p.grad for n, p in model.module.named_parameters()}
+
+
+@pytest.mark.parametrize("loss", ["focal", "mile"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ddp_gradients_follow_the_spec(loss, chunked):
+    """For focal and mile the per-rank alpha makes 2 processes differ from 1 by design: the DDP
+    gradient must equal the gradient of mean_r(mean_i(alpha * w_ri * CE_ri)) computed in one process,
+    with alpha the mean over ranks of 1 / mean_i(w_ri)."""
+    g = torch.Generator().manual_seed(6)
+    idx, targets = torch.randint(0, 30, (2, 3, 8), generator=g), torch.randint(0, 30, (2, 3, 8), generator=g)
+    ddp = run_ranks(_ddp_grads, idx, targets, loss, chunked)[0]
+
+    model = tiny_model(loss, chunked=False)
+    logits = [model(idx[r], targets[r])[0].reshape(-1, 30) for r in range(2)]
+    ces = [F.cross_entropy(z, t.reshape(-1), reduction="none") for z, t in zip(logits, targets)]
+    if loss == "mile":
+        ws = [1 + token_entropy(z) for z in logits]
+    else:
+        ws = [1 - torch.exp(-ce.detach()) for ce in ces]
+    alpha = sum(1 / w.mean() for w in ws) / 2
+    total = sum((alpha * w * ce).mean() for w, ce in zip(ws, ces)) / 2
+    total.backward()
+    assert abs(1 / ws[0].mean() - 1 / ws[1].mean()) > 1e-2 * alpha  # the ranks' alphas differ
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp[name], p.grad, rtol=1e-4, atol=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# train.py under torchrun
+
+
+@pytest.mark.parametrize("chunked", ["False", "True"])
+def test_ce_two_processes_equal_one(tmp_path, chunked):
+    args = ["--loss=ce", f"--chunked_loss={chunked}", "--gradient_accumulation_steps=2", "--max_iters=8",
+            "--eval_interval=4"]
+    train(tmp_path / "one", *args)
+    proc = train(tmp_path / "two", *args, nproc=2)
+    assert "on 2 x cpu (ddp)" in proc.stdout
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    for it in one:
+        assert two[it] == pytest.approx(one[it], rel=1e-5)
+    with open(tmp_path / "two" / "log.jsonl") as f:  # one process wrote it: each step once
+        assert sum("val_loss" not in line for line in f) == 8
+
+
+def test_fsdp_trains_and_its_checkpoint_loads_in_one_process(tmp_path):
+    args = ["--loss=ce", "--gradient_accumulation_steps=2", "--max_iters=6", "--eval_interval=3"]
+    proc = train(tmp_path / "fsdp", *args, "--parallel=fsdp", nproc=2)
+    assert "on 2 x cpu (fsdp)" in proc.stdout
+    train(tmp_path / "one", *args, "--max_iters=9")
+    one, fsdp = step_losses(tmp_path / "one"), step_losses(tmp_path / "fsdp")
+    for it in fsdp:  # sharding changes nothing in the numbers
+        assert fsdp[it] == pytest.approx(one[it], rel=1e-5)
+    # saved by 2 processes, loaded by 1: sampling, and training on
+    sample = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path / 'fsdp'}",
+                             "--num_samples=1", "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True)
+    assert sample.returncode == 0, sample.stderr
+    train(tmp_path / "fsdp", *args, "--init_from=resume", "--max_iters=9")
+    resumed = step_losses(tmp_path / "fsdp")
+    for it in (7, 8, 9):
+        assert resumed[it] == pytest.approx(one[it], rel=1e-5)
+
+
+def test_accumulation_steps_must_split_evenly(tmp_path):
+    proc = train(tmp_path, "--gradient_accumulation_steps=3", "--max_iters=2", nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "must be a multiple of the number of processes (2)" in proc.stderr
+    assert proc.stderr.count("error: gradient_accumulation_steps") == 1  # said once, not by every process
+
+
+# -----------------------------------------------------------------------------
+# killed and resumed
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path):
+    args = ["--loss=mile", "--max_iters=120", "--eval_interval=10", "--dropout=0.1"]  # dropout: the RNG state matters
+    train(tmp_path / "straight", *args)
+    straight = step_losses(tmp_path / "straight")
+    out = tmp_path / "killed"
+    for kill_at, resume in ((35, []), (75, ["--init_from=resume"])):  # kill mid-interval, twice
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args, *resume]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        deadline = time.time() + 300
+        while last_logged(out) < kill_at:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # a kill during a checkpoint write leaves a partial temporary file beside the last good checkpoint
+    (out / "ckpt.pt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+    train(out, *args, "--init_from=resume")
+    resumed = step_losses(out)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 121))
+    for it in straight:
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-6), it
