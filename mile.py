@@ -66,7 +66,8 @@ def normalizer(weights):
 
 
 def mean_over_ranks(alpha):
-    """Under torch.distributed: the sum of the per-rank values divided by the world size."""
+    """Under torch.distributed: the sum of the per-rank values divided by the world size. This is a
+    collective: once a process group exists, every rank must compute the loss together."""
     if dist.is_available() and dist.is_initialized():
         alpha = alpha.clone()
         dist.all_reduce(alpha, op=dist.ReduceOp.SUM)

@@ -187,12 +187,14 @@ class GPT(nn.Module):
 PEAK_FLOPS = [
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM and NVL
     ("H800", 989e12),
     ("B200", 2250e12),
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 70e12),
     ("A10", 125e12),
@@ -221,6 +223,7 @@ def load_checkpoint(path):
     except Exception as e:
         sys.exit(f"error: {path} is not a readable checkpoint (it may be truncated or corrupt: "
                  f"{type(e).__name__}); restore a good copy or train afresh with --init_from=scratch")
-    if not isinstance(checkpoint, dict) or not {"model", "model_args", "config", "iter_num"} <= checkpoint.keys():
+    needed = {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "rng"}
+    if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
         sys.exit(f"error: {path} is a PyTorch file but not a checkpoint written by train.py")
     return checkpoint

@@ -43,10 +43,14 @@ device = args.device
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 device_type = device.split(":")[0]
+if device_type == "cuda" and not torch.cuda.is_available() or device_type == "mps" and not torch.backends.mps.is_available():
+    fail(f"device {device} asked for, but this PyTorch does not see it; use --device=cpu")
+if device_type not in ("cuda", "mps", "cpu"):
+    fail(f"device must be auto, cpu, mps, cuda or cuda:N, not {device!r}")
 model = GPT(GPTConfig(**checkpoint["model_args"]))
 model.load_state_dict(checkpoint["model"])
 model.eval().to(device)
-use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 # -----------------------------------------------------------------------------
@@ -70,7 +74,7 @@ if "stoi" in meta:  # characters
 
     def decode(ids):
         return "".join(itos[i] for i in ids)
-else:  # GPT-2 BPE
+elif meta.get("tokenizer") == "gpt2":  # GPT-2 BPE
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     from common import gpt2_encoding
 
@@ -84,6 +88,9 @@ else:  # GPT-2 BPE
 
     def decode(ids):
         return enc.decode(ids)
+else:
+    fail(f"the checkpoint's dataset meta names no tokenizer this script knows ({sorted(meta)}); "
+         f"expected a character table (stoi, itos) or tokenizer 'gpt2'")
 
 # -----------------------------------------------------------------------------
 # prompt and sampling

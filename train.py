@@ -10,8 +10,9 @@ Choose the objective, or any other setting below, with --key=value, after an opt
 Continue a run from its last checkpoint:
     python train.py --out_dir=out --init_from=resume
 On several devices, one process each, through torchrun (DDP; --parallel=fsdp shards the model):
-    torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare.py --gradient_accumulation_steps=8
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+(gradient_accumulation_steps counts micro-batches over all processes: a multiple of their number)
 """
 
 import difflib
@@ -118,6 +119,9 @@ def set_config(key, value, source):
 # an optional config file (python that assigns keys), then --key=value overrides, in order
 explicit = set()  # the keys set here win over the ones a resumed checkpoint brings
 for arg in sys.argv[1:]:
+    if arg in ("-h", "--help"):
+        print(__doc__ + "\nSettings (--key=value): " + ", ".join(f"{k}={globals()[k]!r}" for k in config_keys))
+        sys.exit(0)
     if arg.startswith("--"):
         key, eq, text = arg[2:].partition("=")
         if not eq:
@@ -137,19 +141,20 @@ for arg in sys.argv[1:]:
         except Exception as e:
             fail(f"config file {arg} does not run: {type(e).__name__}: {e}")
         for key, value in settings.items():
-            if not key.startswith("_"):
+            if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
                 set_config(key, value, arg)
                 explicit.add(key)
     else:
         fail(f"{arg!r} is neither a --key=value setting nor a config file")
 
-# a resumed run continues with its own settings, except those given above
+# a resumed run continues with its own settings, except those given above and those of the machine
+MACHINE_KEYS = ("out_dir", "init_from", "device", "dtype", "compile", "compile_loss", "parallel", "peak_flops_per_s")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 if init_from == "resume":
     checkpoint = load_checkpoint(ckpt_path)
     for key, value in checkpoint["config"].items():
-        if key in config_keys and key not in explicit and key not in ("out_dir", "init_from", "device"):
+        if key in config_keys and key not in explicit and key not in MACHINE_KEYS:
             globals()[key] = value
 elif init_from != "scratch":
     fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
@@ -157,6 +162,12 @@ if loss not in LOSSES:
     fail(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
 if parallel not in ("ddp", "fsdp"):
     fail(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
+for key in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps",
+            "n_layer", "n_head", "n_embd", "loss_chunk_size"):
+    if globals()[key] < 1:
+        fail(f"{key} must be at least 1, not {globals()[key]}")
+if n_embd % n_head:
+    fail(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
 config = {k: globals()[k] for k in config_keys}
 
 # -----------------------------------------------------------------------------
@@ -170,8 +181,12 @@ master = rank == 0  # the one process that prints, logs and writes files
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 device_type = device.split(":")[0]
-if device_type == "cuda" and not torch.cuda.is_available():
-    fail(f"device {device} asked for, but this PyTorch sees no CUDA GPU; use --device=cpu")
+if device_type == "cuda" and not (torch.cuda.is_available() and torch.device(device).index in (None, *range(torch.cuda.device_count()))):
+    fail(f"device {device} asked for, but this PyTorch sees no such CUDA GPU; use --device=cpu or --device=cuda")
+if device_type == "mps" and not torch.backends.mps.is_available():
+    fail("device mps asked for, but this PyTorch sees no Apple GPU; use --device=cpu")
+if device_type not in ("cuda", "mps", "cpu"):
+    fail(f"device must be auto, cpu, mps, cuda or cuda:N, not {device!r}")
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the number of "
          f"processes ({world_size}): each takes an equal share of the micro-batches of a step")
@@ -182,7 +197,7 @@ if distributed:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
 if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
 if dtype not in ("float32", "bfloat16", "float16"):
     fail(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
 ptdtype = getattr(torch, dtype)
@@ -200,7 +215,7 @@ if master:
 # data: uint16 token ids in data/<dataset>/{train,val}.bin, read through a memmap
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
 meta_path = os.path.join(data_dir, "meta.pkl")
-if master and not os.path.exists(meta_path):
+if local_rank == 0 and not os.path.exists(meta_path):  # one process per machine, for nodes without shared files
     prepare = os.path.join(data_dir, "prepare.py")
     if not os.path.exists(prepare):
         fail(f"no dataset {dataset!r}: data/{dataset}/ has no meta.pkl and no prepare.py to make one")
@@ -269,7 +284,7 @@ if checkpoint is not None:
     rng = checkpoint["rng"][rank % len(checkpoint["rng"])]  # dropout draws continue where they stopped
     torch.set_rng_state(rng["cpu"])
     if device_type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"], device)
     checkpoint = None  # free the memory
 if compile:
     if master:
@@ -310,7 +325,7 @@ def get_lr(it):
     """Linear warm-up for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
+    if it >= lr_decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
@@ -339,6 +354,10 @@ def save_checkpoint():
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, ckpt_path)
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
 
 
 def log(record):
@@ -356,7 +375,7 @@ if master:
 first_iter = iter_num  # a resumed run does not save again the state it started from
 progress = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=None if master else True)
 t_start = t_last = time.time()
-iters_since_log = 0
+iters_since_log, val_ce = 0, float("nan")
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
@@ -364,6 +383,7 @@ while True:
 
     # evaluate, then save: the checkpoint is the latest good state (never a NaN one)
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        t_eval = time.time()
         losses = estimate_loss()
         (train_obj, train_ce), (val_obj, val_ce) = losses["train"], losses["val"]
         if not all(math.isfinite(v) for v in (train_obj, val_obj)):
@@ -379,7 +399,7 @@ while True:
             break
         if iter_num > first_iter:
             save_checkpoint()
-        t_last = time.time()  # evaluation time does not count against tokens/s
+        t_last += time.time() - t_eval  # evaluation and saving do not count against tokens/s
     if iter_num >= max_iters:
         break
 

