@@ -20,7 +20,6 @@ from mile import DEFAULT_CHUNK_SIZE, build_loss, chunked_loss
 head_chunked_loss = torch.compiler.disable(chunked_loss)
 
 
-
 @dataclass
 class GPTConfig:
     block_size: int = 256  # context length
@@ -29,13 +28,38 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
-    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit faster
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit faster (llama: none)
+    # "gpt2": LayerNorm, GELU MLP, learned positions, tied embeddings, init std 0.02.
+    # "llama", the paper's models: RMSNorm (eps 1e-5), SwiGLU MLP, rotary positions, untied
+    # embeddings, no biases, init std 0.01.
+    arch: str = "gpt2"
+    n_ffn: int = 0  # width of the MLP's hidden layer; 0 means 4 * n_embd
+    rope_theta: float = 10000.0  # llama: base of the rotary frequencies
     loss: str = "mile"  # training objective: "ce", "focal" or "mile" (see mile.py)
     gamma: float = 1.0  # exponent of the Focal / MiLe weight
     sigma: float = 1.0  # MiLe's offset: w = (sigma + H) ** gamma
     chunked_loss: bool = True  # output layer + loss through mile.chunked_loss: no (B, T, V) logits
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE  # rows of logits per chunk
     compile_loss: bool = False  # torch.compile the per-chunk loss math (fast on GPUs)
+
+
+def rotate(x, positions, theta=10000.0):
+    """Rotary position embedding (Su et al., RoFormer): pairs of features (i, i + hs/2) of each head
+    turn by the angle position * theta^(-2i/hs), so q.k depends on positions only through their
+    difference. x (B, n_head, T, hs), positions (T,)."""
+    hs = x.size(-1)
+    freqs = theta ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
+    angles = positions.float()[:, None] * freqs[None, :]  # (T, hs/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def Norm(config):
+    """The block's normalisation: LayerNorm for gpt2, RMSNorm for llama."""
+    if config.arch == "llama":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,12 +71,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.rotary = config.arch == "llama"
+        self.rope_theta = config.rope_theta
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rotary:  # llama: positions enter here, as rotations of q and k
+            positions = torch.arange(T, device=x.device)
+            q, k = rotate(q, positions, self.rope_theta), rotate(k, positions, self.rope_theta)
         # flash attention where the platform has it; is_causal masks the future
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
@@ -60,14 +89,19 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """gpt2: c_proj(gelu(c_fc(x))). llama, SwiGLU: c_proj(silu(c_gate(x)) * c_fc(x))."""
+
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        n_ffn = config.n_ffn or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, n_ffn, bias=config.bias)
+        self.c_gate = nn.Linear(config.n_embd, n_ffn, bias=False) if config.arch == "llama" else None
+        self.c_proj = nn.Linear(n_ffn, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        h = F.silu(self.c_gate(x)) * self.c_fc(x) if self.c_gate is not None else F.gelu(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -75,9 +109,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = Norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = Norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -88,36 +122,45 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        assert config.arch in ("gpt2", "llama"), f"arch must be gpt2 or llama, not {config.arch!r}"
+        if config.arch == "llama":
+            config.bias = False  # LLaMA has no biases
         self.config = config
+        llama = config.arch == "llama"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+            wpe=None if llama else nn.Embedding(config.block_size, config.n_embd),  # learned positions
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=Norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        if not llama:
+            self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
 
         self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per residual add
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not llama:  # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per residual add
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
+        std = 0.01 if self.config.arch == "llama" else 0.02  # llama: std 0.01, as the paper's models
         if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; position embeddings are left out by default, as in the GPT-2/PaLM counts.
-        The token embeddings are counted: they are the output layer's weights too."""
+        """Parameter count. non_embedding leaves out the tables that are only looked up, as the
+        GPT-2/PaLM counts do: gpt2's position embeddings, llama's (untied) input embeddings."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if not non_embedding:
+            return n
+        lookup = self.transformer.wpe if self.transformer.wpe is not None else self.transformer.wte
+        return n - lookup.weight.numel()
 
     def forward(self, idx, targets=None, objective=None):
         """idx (B, T) token ids -> (logits (B, T, V), loss) with targets, the loss being the config's
@@ -126,8 +169,10 @@ class GPT(nn.Module):
         (logits (B, 1, V) of the last position, None), all that generation needs."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if self.transformer.wpe is not None:  # gpt2's learned positions; llama rotates q and k instead
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)

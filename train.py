@@ -52,9 +52,11 @@ gradient_accumulation_steps = 1  # micro-batches per optimizer step
 batch_size = 12  # sequences per micro-batch
 block_size = 64  # context length
 # model
+arch = "gpt2"  # "gpt2", or "llama": the paper's block (RMSNorm, SwiGLU, rotary, untied, no biases)
 n_layer = 4
 n_head = 4
 n_embd = 128
+n_ffn = 0  # MLP hidden width; 0 means 4 * n_embd
 dropout = 0.0
 bias = False
 # objective
@@ -160,6 +162,8 @@ elif init_from != "scratch":
     fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 if loss not in LOSSES:
     fail(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+if arch not in ("gpt2", "llama"):
+    fail(f"arch must be 'gpt2' or 'llama', not {arch!r}")
 if parallel not in ("ddp", "fsdp"):
     fail(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
 for key in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps",
@@ -251,12 +255,12 @@ def get_batch(split, step, micro_step):
 
 # -----------------------------------------------------------------------------
 # model and optimizer
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta["vocab_size"], dropout=dropout, loss=loss, gamma=gamma, sigma=sigma,
+model_args = dict(arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ffn=n_ffn, block_size=block_size,
+                  bias=bias, vocab_size=meta["vocab_size"], dropout=dropout, loss=loss, gamma=gamma, sigma=sigma,
                   chunked_loss=chunked_loss, loss_chunk_size=loss_chunk_size, compile_loss=compile_loss)
 iter_num, best_val_loss = 0, float("inf")
 if checkpoint is not None:
-    shape_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+    shape_keys = ("arch", "n_layer", "n_head", "n_embd", "n_ffn", "block_size", "bias", "vocab_size")
     for key in shape_keys:
         if model_args[key] != checkpoint["model_args"][key]:
             fail(f"{key}={model_args[key]} differs from the checkpoint's {checkpoint['model_args'][key]}; "

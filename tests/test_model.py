@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from mile import mile_loss  # noqa: E402
 from model import GPT, GPTConfig, peak_flops  # noqa: E402
 
@@ -18,9 +19,9 @@ def tiny(**kw):
     return GPT(GPTConfig(**{**defaults, **kw})).eval()
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_causality(bias):
-    model = tiny(bias=bias)
+@pytest.mark.parametrize("arch, bias", [("gpt2", True), ("gpt2", False), ("llama", False)])
+def test_causality(arch, bias):
+    model = tiny(arch=arch, bias=bias)
     idx = torch.randint(0, 50, (2, 16))
     targets = torch.randint(0, 50, (2, 16))
     logits, _ = model(idx, targets)
@@ -43,13 +44,13 @@ def test_forward_loss_is_the_configured_objective():
     torch.testing.assert_close(last[:, 0], logits[:, -1])
 
 
-@pytest.mark.parametrize("loss", ["ce", "focal", "mile"])
-def test_chunked_training_loss_matches_readable(loss):
+@pytest.mark.parametrize("loss, arch", [("ce", "gpt2"), ("focal", "gpt2"), ("mile", "gpt2"), ("mile", "llama")])
+def test_chunked_training_loss_matches_readable(loss, arch):
     idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
-    reference_ce = F.cross_entropy(tiny()(idx, targets)[0].view(-1, 50), targets.view(-1))
+    reference_ce = F.cross_entropy(tiny(arch=arch)(idx, targets)[0].view(-1, 50), targets.view(-1))
     results = []
     for chunked in (False, True):
-        model = tiny(loss=loss, chunked_loss=chunked, loss_chunk_size=7).train()  # the same weights each time
+        model = tiny(arch=arch, loss=loss, chunked_loss=chunked, loss_chunk_size=7).train()  # the same weights
         logits, value = model(idx, targets)
         assert (logits is None) == chunked
         value.backward()
@@ -100,3 +101,61 @@ def test_flops_per_token():
     model = tiny()
     n = model.get_num_params()
     assert model.flops_per_token() == 6 * n + 12 * 2 * 16 * 32
+
+
+# -----------------------------------------------------------------------------
+# the LLaMA block and the paper's presets
+
+
+def test_llama_block():
+    model = tiny(arch="llama", n_ffn=40)
+    names = dict(model.named_parameters())
+    assert not any(n.endswith(".bias") for n in names)  # no biases
+    assert model.lm_head.weight is not model.transformer.wte.weight  # untied
+    assert model.transformer.wpe is None  # positions come from the rotation
+    assert isinstance(model.transformer.ln_f, torch.nn.RMSNorm) and model.transformer.ln_f.eps == 1e-5
+    assert names["transformer.h.0.mlp.c_gate.weight"].shape == (40, 32)  # SwiGLU's extra projection
+    assert names["transformer.h.0.mlp.c_fc.weight"].std().item() == pytest.approx(0.01, rel=0.1)  # init std 0.01
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from model import rotate
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 10, 16, generator=g), torch.randn(1, 2, 10, 16, generator=g)
+    positions = torch.arange(10)
+    scores = rotate(q, positions) @ rotate(k, positions).transpose(-1, -2)
+    for shift in (1, 7, 1000):  # shifting every position changes no score
+        shifted = rotate(q, positions + shift) @ rotate(k, positions + shift).transpose(-1, -2)
+        torch.testing.assert_close(shifted, scores, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores, q @ k.transpose(-1, -2), atol=1e-2)  # but it does rotate
+    torch.testing.assert_close(rotate(q, torch.zeros(10, dtype=torch.long)), q)  # position 0: no turn
+    # a rotation keeps lengths
+    torch.testing.assert_close(rotate(q, positions).norm(dim=-1), q.norm(dim=-1))
+
+
+def preset(name):
+    settings = {}
+    with open(os.path.join(ROOT, "config", f"{name}.py")) as f:
+        exec(f.read(), {}, settings)
+    keys = ("arch", "n_layer", "n_head", "n_embd", "n_ffn", "block_size", "bias")
+    return {k: settings[k] for k in keys if k in settings}, settings
+
+
+# exact counts from the shapes, so they cannot drift; and within 1% of the names the paper gives them
+# (MILE_SPEC.md says "about 468.7M and 1.21B"; these shapes give 468.2M and 1.205B)
+@pytest.mark.parametrize("name, exact, named", [
+    ("paper_468m", 468_239_360, 468.7e6), ("paper_1b", 1_204_881_408, 1.21e9),
+    ("paper_7b", 6_738_415_616, 6.7e9), ("gpt2_124m", 124_439_808, 124e6)])
+def test_preset_parameter_counts(name, exact, named):
+    shape, settings = preset(name)
+    vocab = 50257 if name.startswith("gpt2") else 32000  # the LLaMA tokenizer's vocabulary, as in the paper
+    with torch.device("meta"):  # shapes only, no memory
+        model = GPT(GPTConfig(vocab_size=vocab, **shape))
+    n = model.get_num_params(non_embedding=False)
+    assert n == exact and n == pytest.approx(named, rel=0.01), f"{name}: {n:,}"
+    if name.startswith("paper"):
+        batch = settings["batch_size"] * settings["gradient_accumulation_steps"]
+        assert settings["learning_rate"] == 3e-4 and (settings["beta1"], settings["beta2"]) == (0.9, 0.95)
+        assert settings["weight_decay"] == 0.1 and settings["grad_clip"] == 1.0 and settings["min_lr"] == 0.0
+        assert batch * settings["block_size"] in (1024 * 1024, 2048 * 2048)  # ~1M / ~4M tokens per step
+        assert settings["gradient_accumulation_steps"] % 8 == 0  # splits over 8 GPUs

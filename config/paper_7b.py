@@ -1,0 +1,32 @@
+# The paper's 6.7B model and optimizer settings (Su et al. 2024; ../shared/MILE_SPEC.md): LLaMA block,
+# d_model 4096, 32 layers, 32 heads, FFN 11008, context 2048, global batch 2048 sequences, 25000 optimizer steps,
+# AdamW 3e-4 (0.9, 0.95), weight decay 0.1 (not on norms), clip 1.0, cosine to 0 after 2000 warm-up steps, bf16.
+# The global batch is reached through gradient accumulation over all GPUs (a multiple of their number):
+#     torchrun --standalone --nproc_per_node=8 train.py config/paper_7b.py [--loss=ce|focal|mile]
+# The paper trained on the Pile with the LLaMA tokenizer (vocab 32000); this repo has Shakespeare with
+# GPT-2's BPE, which a model this size only memorises: a stand-in until a large corpus is prepared.
+out_dir = "out-paper-7b"
+dataset = "shakespeare"
+arch = "llama"
+n_layer = 32
+n_head = 32
+n_embd = 4096
+n_ffn = 11008
+block_size = 2048
+dropout = 0.0
+batch_size = 4  # sequences per micro-batch per GPU (not measured here: no GPU was at hand)
+gradient_accumulation_steps = 2048 // batch_size  # 2048 sequences per optimizer step
+learning_rate = 3e-4
+min_lr = 0.0
+beta1 = 0.9
+beta2 = 0.95
+weight_decay = 0.1
+grad_clip = 1.0
+warmup_iters = 2000
+max_iters = 25000
+lr_decay_iters = 25000
+eval_interval = 1000
+eval_iters = 50
+log_interval = 10
+compile = True
+compile_loss = True
