@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mile import DEFAULT_CHUNK_SIZE, build_loss, chunked_loss
+from mile import DEFAULT_CHUNK_SIZE, build_loss, chunked_loss, token_entropy
 
 # torch.compile of the whole model stops at the chunked loss: its loop over chunks stays in Python
 # and its per-chunk math is compiled on its own (compile_loss)
@@ -162,11 +162,8 @@ class GPT(nn.Module):
         lookup = self.transformer.wpe if self.transformer.wpe is not None else self.transformer.wte
         return n - lookup.weight.numel()
 
-    def forward(self, idx, targets=None, objective=None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss) with targets, the loss being the config's
-        objective unless `objective` names another ("ce", "focal", "mile"); with chunked_loss the
-        logits are never made and None comes back in their place. Without targets:
-        (logits (B, 1, V) of the last position, None), all that generation needs."""
+    def hidden(self, idx):
+        """idx (B, T) token ids -> the final hidden states (B, T, n_embd), which lm_head maps to logits."""
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} tokens is longer than block_size {self.config.block_size}"
         x = self.transformer.wte(idx)
@@ -175,7 +172,14 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, objective=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss) with targets, the loss being the config's
+        objective unless `objective` names another ("ce", "focal", "mile"); with chunked_loss the
+        logits are never made and None comes back in their place. Without targets:
+        (logits (B, 1, V) of the last position, None), all that generation needs."""
+        x = self.hidden(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         cfg = self.config
@@ -185,6 +189,19 @@ class GPT(nn.Module):
                                            chunk_size=cfg.loss_chunk_size, compiled=cfg.compile_loss)
         logits = self.lm_head(x)
         return logits, build_loss(objective, cfg.gamma, cfg.sigma)(logits, targets)
+
+    @torch.no_grad()
+    def token_stats(self, idx, targets):
+        """Per position, in float32: the cross-entropy of the target and the entropy of the prediction
+        (mile.token_entropy), each (B, T), for evaluation (evaluate.py). The logits are made
+        loss_chunk_size rows at a time, so memory stays small at any vocabulary."""
+        x, y = self.hidden(idx).flatten(0, 1), targets.flatten()
+        ce, entropy = [], []
+        for i in range(0, len(y), self.config.loss_chunk_size):
+            logits = self.lm_head(x[i:i + self.config.loss_chunk_size]).float()
+            ce.append(F.cross_entropy(logits, y[i:i + len(logits)], reduction="none"))
+            entropy.append(token_entropy(logits))
+        return torch.cat(ce).view_as(targets), torch.cat(entropy).view_as(targets)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on the matrices (Linear weights, embeddings) only, not on

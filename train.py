@@ -26,7 +26,6 @@ import time
 from ast import literal_eval
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -34,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from data.common import dataset_dir, get_windows, split_files, train_token_counts
+from evaluate import BUCKETS, evaluate_buckets, frequency_buckets
 from mile import LOSSES
 from model import GPT, GPTConfig, load_checkpoint, peak_flops
 
@@ -47,7 +48,7 @@ eval_iters = 25  # batches per split in an evaluation
 eval_only = False  # evaluate once and exit
 init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
 # data
-dataset = "shakespeare_char"  # a folder in data/ holding train.bin, val.bin and meta.pkl
+dataset = "shakespeare_char"  # a folder in data/, or a path, holding meta.pkl and {train,val}.bin or {train,val}_*.bin shards
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
 batch_size = 12  # sequences per micro-batch
 block_size = 64  # context length
@@ -216,13 +217,19 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
-# data: uint16 token ids in data/<dataset>/{train,val}.bin, read through a memmap
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+# data: uint16 token ids in data/<dataset>/: train.bin and val.bin, or shards train_*.bin and
+# val_*.bin (data/fineweb/prepare.py), read through memmaps
+data_dir = dataset_dir(dataset)
 meta_path = os.path.join(data_dir, "meta.pkl")
+AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on the fly
 if local_rank == 0 and not os.path.exists(meta_path):  # one process per machine, for nodes without shared files
     prepare = os.path.join(data_dir, "prepare.py")
     if not os.path.exists(prepare):
-        fail(f"no dataset {dataset!r}: data/{dataset}/ has no meta.pkl and no prepare.py to make one")
+        fail(f"no dataset {dataset!r}: {data_dir} has no meta.pkl; give a folder in data/ or a path that holds "
+             f"meta.pkl and the .bin files")
+    if dataset not in AUTO_PREPARE:
+        fail(f"dataset {dataset!r} is not prepared ({data_dir} has no meta.pkl): run python "
+             f"{os.path.relpath(prepare)} first (see its docstring)")
     print(f"dataset {dataset} is not prepared yet: running data/{dataset}/prepare.py")
     if subprocess.run([sys.executable, prepare]).returncode != 0 or not os.path.exists(meta_path):
         fail(f"data/{dataset}/prepare.py failed; see its message above, fix that, and run again")
@@ -231,23 +238,19 @@ if distributed:
 with open(meta_path, "rb") as f:
     meta = pickle.load(f)
 for split in ("train", "val"):
-    path = os.path.join(data_dir, f"{split}.bin")
-    if not os.path.exists(path) or os.path.getsize(path) // 2 <= block_size:
-        fail(f"{path} is missing or shorter than block_size + 1 tokens; run python data/{dataset}/prepare.py")
+    if sum(os.path.getsize(path) // 2 - block_size for path in split_files(data_dir, split)) <= 0:
+        fail(f"{data_dir} has no {split} split of more than block_size + 1 tokens; prepare the dataset again")
+# the frequency bucket of every token id (high / medium / low, from the training split's counts)
+bucket_of = torch.from_numpy(frequency_buckets(train_token_counts(data_dir, meta))).to(device)
 
 
 def get_batch(split, step, micro_step):
-    """batch_size random windows of `split`. The draw is a pure function of (seed, split, step,
-    micro_step), so a resumed run sees exactly the batches an uninterrupted one would have seen,
-    whatever the number of processes: process r takes micro-steps r * micro_steps ... of each step.
-    step=None draws the fixed evaluation batches."""
-    # a fresh memmap per batch: a long-lived one leaks memory (nanoGPT's note)
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    stream = [0] if step is None else [1, step]  # evaluation and training draw from separate streams
-    rng = np.random.default_rng([seed, ("train", "val").index(split), *stream, micro_step])
-    ix = rng.integers(len(data) - block_size, size=batch_size)
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    """Inputs and targets, (batch_size, block_size) each: windows drawn as a pure function of (seed,
+    split, step, micro_step) (data/common.py), so a resumed run sees exactly the batches an uninterrupted
+    one would have seen, whatever the number of processes: process r takes micro-steps r * micro_steps ...
+    of each step. step=None draws the fixed evaluation batches."""
+    w = torch.from_numpy(get_windows(data_dir, split, seed, step, micro_step, batch_size, block_size))
+    x, y = w[:, :-1], w[:, 1:]
     if device_type == "cuda":  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -274,10 +277,11 @@ torch.manual_seed(seed + rank)  # but dropout differs between processes (the dat
 if distributed and parallel == "fsdp":
     # FSDP2: each block's parameters, gradients and optimizer state are split across the processes
     # and gathered only while that block computes; the root takes the embeddings and the head
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
+    register_fsdp_forward_method(model, "token_stats")  # evaluation calls it: gather parameters for it too
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 # full (unsharded) state dicts keyed by parameter name: a checkpoint saved by N processes, DDP or
 # FSDP, loads in M processes or in one (sample.py)
@@ -309,18 +313,17 @@ peak = peak * world_size if peak else None
 
 @torch.no_grad()
 def estimate_loss():
-    """The training objective and plain cross-entropy on eval_iters fixed batches of each split:
-    CE is what makes CE, Focal and MiLe runs comparable."""
+    """On eval_iters fixed batches of each split: the training objective, and plain cross-entropy
+    (what makes CE, Focal and MiLe runs comparable) overall and per frequency bucket, with the mean
+    entropy of the predictions (evaluate.py)."""
     out = {}
     model.eval()
     for split in ("train", "val"):
-        objective, ce = torch.zeros(eval_iters), torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            X, Y = get_batch(split, None, k)  # the same batches at every evaluation
-            with ctx:
-                ce[k] = model(X, Y, objective="ce")[1].item()
-                objective[k] = ce[k] if loss == "ce" else model(X, Y)[1].item()
-        out[split] = (objective.mean().item(), ce.mean().item())
+        batches = [get_batch(split, None, k) for k in range(eval_iters)]  # the same batches every time
+        with ctx:
+            stats = evaluate_buckets(raw_model, batches, bucket_of)
+            objective = stats["ce"] if loss == "ce" else sum(model(X, Y)[1].item() for X, Y in batches) / eval_iters
+        out[split] = (objective, stats)
     model.train()
     return out
 
@@ -389,15 +392,18 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         t_eval = time.time()
         losses = estimate_loss()
-        (train_obj, train_ce), (val_obj, val_ce) = losses["train"], losses["val"]
-        if not all(math.isfinite(v) for v in (train_obj, val_obj)):
+        (train_obj, train_stats), (val_obj, val) = losses["train"], losses["val"]
+        val_ce = val["ce"]
+        if not all(math.isfinite(v) for v in (train_obj, val_obj, val_ce)):
             fail(f"the loss became {val_obj} at iteration {iter_num}; the last good checkpoint {ckpt_path} is "
                  f"kept: lower learning_rate (now {learning_rate}) or raise warmup_iters and resume or restart")
         if master:
-            progress.write(f"iter {iter_num}: train {loss} {train_obj:.4f}, train ce {train_ce:.4f}, "
-                           f"val ce {val_ce:.4f} (ppl {math.exp(val_ce):.2f})")
-            log({"iter": iter_num, "train_loss": train_obj, "train_ce": train_ce, "val_loss": val_ce,
-                 "val_objective": val_obj, "lr": lr})
+            objective = "" if loss == "ce" else f"train {loss} {train_obj:.4f}, "
+            progress.write(f"iter {iter_num}: {objective}train ce {train_stats['ce']:.4f}, "
+                           f"val ce {val_ce:.4f} (ppl {val['ppl']:.2f}); val ce by frequency: "
+                           + ", ".join(f"{b} {val['ce_' + b]:.3f}" for b in BUCKETS) + f"; entropy {val['entropy']:.3f}")
+            log({"iter": iter_num, "train_loss": train_obj, "train_ce": train_stats["ce"], "val_loss": val_ce,
+                 "val_objective": val_obj, "lr": lr, **{f"val_{k}": v for k, v in val.items()}})
         best_val_loss = min(best_val_loss, val_ce)
         if eval_only:
             break

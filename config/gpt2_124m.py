@@ -1,9 +1,9 @@
 # GPT-2 small (124M): 12 layers, 12 heads, width 768, context 1024, tied embeddings, ~0.5M tokens per
 # step (480 sequences) through gradient accumulation over all GPUs, as nanoGPT's train_gpt2 config.
 #     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py [--loss=ce|focal|mile]
-# On Shakespeare (GPT-2 BPE) as a stand-in for a large corpus.
+# On FineWeb-Edu with GPT-2's BPE, prepared first: python data/fineweb/prepare.py
 out_dir = "out-gpt2-124m"
-dataset = "shakespeare"
+dataset = "fineweb"
 arch = "gpt2"
 n_layer = 12
 n_head = 12

@@ -3,10 +3,10 @@
 # AdamW 3e-4 (0.9, 0.95), weight decay 0.1 (not on norms), clip 1.0, cosine to 0 after 2000 warm-up steps, bf16.
 # The global batch is reached through gradient accumulation over all GPUs (a multiple of their number):
 #     torchrun --standalone --nproc_per_node=8 train.py config/paper_7b.py [--loss=ce|focal|mile]
-# The paper trained on the Pile with the LLaMA tokenizer (vocab 32000); this repo has Shakespeare with
-# GPT-2's BPE, which a model this size only memorises: a stand-in until a large corpus is prepared.
+# The paper trained on the Pile with the LLaMA tokenizer (vocab 32000); here the corpus is FineWeb-Edu (or the Pile,
+# or local files) with GPT-2's BPE (vocab 50257), prepared first with data/fineweb/prepare.py (see its docstring).
 out_dir = "out-paper-7b"
-dataset = "shakespeare"
+dataset = "fineweb"
 arch = "llama"
 n_layer = 32
 n_head = 32

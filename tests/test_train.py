@@ -98,6 +98,7 @@ def test_config_file_and_override(tmp_path):
     (["--loss=mse"], ["loss must be one of ce, focal, mile"]),
     (["no_such_config.py"], ["neither a --key=value setting nor a config file"]),
     (["--dataset=no_such_data"], ["no dataset 'no_such_data'"]),
+    (["--dataset=fineweb"], ["not prepared", "data/fineweb/prepare.py first"]),
     (["--init_from=resume"], ["no checkpoint at"]),
     (["--eval_interval=0"], ["eval_interval must be at least 1"]),
     (["--n_embd=33"], ["n_embd (33) must be a multiple of n_head (2)"]),
