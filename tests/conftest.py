@@ -1,0 +1,26 @@
+"""What several test files share: a tiny comparison run (compare.py), made once per session."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=8",
+        "--eval_interval=4", "--eval_iters=2", "--log_interval=4", "--warmup_iters=2"]
+
+
+def compare(out, *args):
+    """python compare.py on the tiny model, two seeds."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), f"--out_dir={out}", "--seeds=1,2",
+                           "--eval_batches=3", *args, "--", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def compared(tmp_path_factory):
+    """(directory, stdout) of a finished tiny comparison: CE, Focal and MiLe, seeds 1 and 2."""
+    out = tmp_path_factory.mktemp("compare")
+    proc = compare(out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
