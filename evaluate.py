@@ -118,5 +118,7 @@ if __name__ == "__main__":
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
+        sys.exit(f"error: device {device} asked for, but this PyTorch does not see it; use --device=cpu")
     rows = [(out_dir, evaluate_checkpoint(out_dir, args.eval_iters, device)) for out_dir in args.out_dirs]
     print(format_table(rows))

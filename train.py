@@ -238,7 +238,7 @@ if distributed:
 with open(meta_path, "rb") as f:
     meta = pickle.load(f)
 for split in ("train", "val"):
-    if sum(os.path.getsize(path) // 2 - block_size for path in split_files(data_dir, split)) <= 0:
+    if sum(max(os.path.getsize(path) // 2 - block_size, 0) for path in split_files(data_dir, split)) == 0:
         fail(f"{data_dir} has no {split} split of more than block_size + 1 tokens; prepare the dataset again")
 # the frequency bucket of every token id (high / medium / low, from the training split's counts)
 bucket_of = torch.from_numpy(frequency_buckets(train_token_counts(data_dir, meta))).to(device)
