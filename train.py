@@ -456,4 +456,5 @@ progress.close()
 if master and not eval_only:
     print(f"done: {iter_num} iterations, val ce {val_ce:.4f}, {time.time() - t_start:.0f} s; checkpoint in {ckpt_path}")
 if distributed:
+    dist.barrier()  # leave together: tearing down gloo while a peer is still saving can abort it
     dist.destroy_process_group()
