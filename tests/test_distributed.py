@@ -19,16 +19,18 @@ sys.path.insert(0, ROOT)
 from mile import chunked_loss, mile_loss, token_entropy  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--warmup_iters=2", "--learning_rate=1e-2", "--log_interval=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same threads, the same float sums
+# these tests mean the CPU (gloo), also on a machine with GPUs: TINY says --device=cpu
 
 
 def train(out_dir, *args, nproc=1, check=True):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
+    env = {**ENV, "TMPDIR": str(os.path.dirname(out_dir))}  # torchrun's scratch folders go beside out_dir
     proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=ENV)
+                          capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -1,0 +1,97 @@
+"""What only a CUDA GPU can check: the fast head-plus-loss path under bf16 autocast, a compiled
+training step of both blocks, DDP and FSDP2 on NCCL, and sampling on the GPU. Every test here is
+skipped, by name, on a machine without one (run `pytest -rs` to see them listed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from mile import build_loss, chunked_loss  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TINY = ["--device=cuda", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=8",
+        "--eval_iters=2", "--warmup_iters=2", "--log_interval=1", "--max_iters=4", "--eval_interval=4"]
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("loss", ["ce", "focal", "mile"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_matches_readable_under_bf16_autocast(loss, compiled):
+    """float32 parameters, bf16 autocast, as train.py runs on a GPU: value to 1e-4, gradients to 1e-2."""
+    torch.manual_seed(0)
+    N, d, V = 1000, 256, 5000  # N not a multiple of the chunk size
+    hidden = torch.randn(N, d, device="cuda", requires_grad=True)
+    weight = (0.05 * torch.randn(V, d, device="cuda")).requires_grad_()
+    targets = torch.randint(V, (N,), device="cuda")
+    targets[::17] = -1  # ignored positions
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        readable = build_loss(loss)(hidden @ weight.t(), targets)
+    g_hidden, g_weight = torch.autograd.grad(readable, (hidden, weight))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = chunked_loss(hidden, weight, targets, loss=loss, chunk_size=256, compiled=compiled)
+    f_hidden, f_weight = torch.autograd.grad(fast, (hidden, weight))
+    assert fast.dtype == torch.float32
+    assert fast.item() == pytest.approx(readable.item(), rel=1e-4)
+    assert relative_error(f_hidden, g_hidden) < 1e-2
+    assert relative_error(f_weight, g_weight) < 1e-2
+
+
+def run(*cmd, env=None):
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["iter"]: r["train_loss"] for r in map(json.loads, f) if "val_loss" not in r}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A compiled bf16 run of the GPT-2 block on the GPU."""
+    out = tmp_path_factory.mktemp("cuda")
+    run(sys.executable, "train.py", f"--out_dir={out}", *TINY, "--compile=True")
+    return out
+
+
+def test_compiled_training_step_gpt2(trained):
+    logged = losses(trained)
+    assert sorted(logged) == [1, 2, 3, 4] and all(map(lambda v: v == v and v < 10, logged.values()))
+
+
+@pytest.mark.parametrize("chunked", ["True", "False"])
+def test_compiled_training_step_llama(tmp_path, chunked):
+    run(sys.executable, "train.py", f"--out_dir={tmp_path}", *TINY, "--arch=llama", "--compile=True",
+        f"--chunked_loss={chunked}")
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_one_nccl_process_equals_plain_run(tmp_path, parallel):
+    """torchrun with one NCCL process computes what a plain run computes (CE: no per-rank alpha)."""
+    args = ["--loss=ce", "--dtype=float32"]
+    run(sys.executable, "train.py", f"--out_dir={tmp_path / 'plain'}", *TINY, *args)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               f"--out_dir={tmp_path / parallel}", *TINY, *args, f"--parallel={parallel}", env=env)
+    assert f"on 1 x cuda ({parallel})" in proc.stdout
+    plain, dist = losses(tmp_path / "plain"), losses(tmp_path / parallel)
+    assert sorted(plain) == sorted(dist)
+    for it in plain:
+        assert dist[it] == pytest.approx(plain[it], rel=1e-4)
+
+
+def test_sample_on_cuda(trained):
+    proc = run(sys.executable, "sample.py", f"--out_dir={trained}", "--device=cuda", "--num_samples=1",
+               "--max_new_tokens=20", "--temperature=0")
+    assert len(proc.stdout.strip()) > 0
