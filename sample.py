@@ -57,7 +57,8 @@ ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else 
 # tokenizer: the checkpoint carries its dataset's meta (the char vocabulary, or the BPE's name)
 meta = checkpoint.get("meta")
 if meta is None:  # an older checkpoint: read the dataset's meta.pkl
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", checkpoint["config"]["dataset"], "meta.pkl")
+    from data.common import dataset_dir
+    meta_path = os.path.join(dataset_dir(checkpoint["config"]["dataset"]), "meta.pkl")
     if not os.path.exists(meta_path):
         fail(f"the checkpoint names dataset {checkpoint['config']['dataset']!r}, but {meta_path} is missing; prepare that dataset first")
     with open(meta_path, "rb") as f:

@@ -223,7 +223,7 @@ data_dir = dataset_dir(dataset)
 meta_path = os.path.join(data_dir, "meta.pkl")
 AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on the fly
 if local_rank == 0 and not os.path.exists(meta_path):  # one process per machine, for nodes without shared files
-    prepare = os.path.join(data_dir, "prepare.py")
+    prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset, "prepare.py")
     if not os.path.exists(prepare):
         fail(f"no dataset {dataset!r}: {data_dir} has no meta.pkl; give a folder in data/ or a path that holds "
              f"meta.pkl and the .bin files")

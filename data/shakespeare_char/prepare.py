@@ -1,7 +1,7 @@
 """
 Shakespeare, character level: 42 modern-spelling texts (about 5 MB) mapped to integers, one per
 character. Writes train.bin and val.bin (uint16 ids, first 90% / last 10% of the text) and meta.pkl
-(vocab_size, stoi, itos) next to this file, as nanoGPT does.
+(vocab_size, stoi, itos) in data/shakespeare_char (or $NANOMILE_DATA/shakespeare_char), as nanoGPT does.
 
     python data/shakespeare_char/prepare.py
 """
@@ -10,9 +10,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for common.py
-from common import shakespeare_text, write_dataset
+from common import dataset_dir, shakespeare_text, write_dataset
 
-out_dir = os.path.dirname(os.path.abspath(__file__))
+out_dir = dataset_dir("shakespeare_char")
+os.makedirs(out_dir, exist_ok=True)
 text = shakespeare_text()
 chars = sorted(set(text))
 stoi = {ch: i for i, ch in enumerate(chars)}
