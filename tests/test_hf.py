@@ -1,0 +1,313 @@
+"""Hugging Face interop, offline: GPT.from_pretrained (train.py --init_from=gpt2|PATH, sample.py --hf)
+on tiny random GPT2LMHeadModel / LlamaForCausalLM directories made here with transformers, export.py on
+tiny checkpoints trained here, the tokenizers, sample.py's streaming, and the core without transformers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import export  # noqa: E402
+from data.common import gpt2_encoding  # noqa: E402
+from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
+
+transformers = pytest.importorskip("transformers", reason="pip install -r requirements-hf.txt")
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,  # noqa: E402
+                          LlamaConfig, LlamaForCausalLM)
+
+transformers.logging.disable_progress_bar()
+TINY = ["--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--log_interval=2",
+        "--warmup_iters=2", "--learning_rate=1e-2"]
+# the optional packages made unimportable; then a script runs as `python script args` would
+BLOCK_HF = ("import runpy, sys\n"
+            "for name in ('transformers', 'safetensors', 'tokenizers', 'huggingface_hub'):\n"
+            "    sys.modules[name] = None\n")
+WITHOUT_HF = BLOCK_HF + "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+
+def run(script, *args, check=True, without_hf=False, env=None):
+    cmd = [sys.executable, *(["-c", WITHOUT_HF] if without_hf else []), os.path.join(ROOT, script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def one_sentence(proc_or_exit, *needles):
+    """A bad input ends with one line 'error: ...' that names the problem, and no traceback."""
+    if isinstance(proc_or_exit, SystemExit):
+        text = str(proc_or_exit.code)
+    else:
+        assert proc_or_exit.returncode != 0 and "Traceback" not in proc_or_exit.stderr, proc_or_exit.stderr
+        text = "\n".join(line for line in proc_or_exit.stderr.splitlines() if line.startswith("error:"))
+    assert text.startswith("error:") and "\n" not in text, text
+    for needle in needles:
+        assert needle in text, text
+
+
+def log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def randomized(model, seed=0):
+    """Every parameter drawn anew (biases and norm gains too), so that a mix-up of weights shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 0.5).add_(1.0 if p.dim() == 1 else 0.0)
+    return model.eval()
+
+
+def ours_logits(model, idx):
+    with torch.no_grad():
+        return model.lm_head(model.hidden(idx))
+
+
+def hf_logits(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+# -----------------------------------------------------------------------------
+# fixtures: two tiny char-level checkpoints (trained without transformers importable) and their exports
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{arch: out_dir} of 6-iteration runs on shakespeare_char, 2 layers, trained with the optional
+    packages blocked: the core needs only torch, numpy, tiktoken, tqdm."""
+    out = {}
+    for arch in ("gpt2", "llama"):
+        out[arch] = str(tmp_path_factory.mktemp(arch))
+        run("train.py", f"--out_dir={out[arch]}", f"--arch={arch}", "--n_layer=2", *TINY, "--max_iters=6",
+            "--eval_interval=6", without_hf=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    """{arch: directory} written by export.py's command line (in this process: transformers is loaded)."""
+    out = {}
+    argv = sys.argv
+    try:
+        for arch, out_dir in trained.items():
+            out[arch] = os.path.join(out_dir, "hf")
+            sys.argv = ["export.py", f"--out_dir={out_dir}", f"--to={out[arch]}"]
+            export.main()
+    finally:
+        sys.argv = argv
+    return out
+
+
+def checkpoint_model(out_dir):
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+# -----------------------------------------------------------------------------
+# import: Hugging Face -> ours
+
+
+def tiny_hf(kind):
+    vocab, common = 96, dict(max_position_embeddings=32, num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                             intermediate_size=48)
+    if kind == "gpt2":  # tied, with biases, GPT-2's tanh GELU
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                          bos_token_id=0, eos_token_id=0))
+    if kind == "gpt2-exact-gelu":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=80,
+                                          activation_function="gelu", layer_norm_epsilon=1e-6,
+                                          bos_token_id=0, eos_token_id=0))
+    if kind == "llama":  # untied head, a rope base of its own
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, rope_theta=500.0, **common))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, rms_norm_eps=1e-5, **common))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-exact-gelu", "llama", "llama-tied"])
+def test_import_gives_the_same_logits(tmp_path, kind):
+    hf = randomized(tiny_hf(kind))
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path), chunked_loss=False).eval()
+    assert model.config.arch == kind.split("-")[0] and model.config.vocab_size == 96
+    idx = torch.randint(0, 90, (2, 32))
+    assert (ours_logits(model, idx) - hf_logits(hf, idx)).abs().max() <= 1e-4
+    # a vocabulary padded beyond the tokenizer's (96 rows, 90 ids used) and a shorter context: cut
+    cut = GPT.from_pretrained(str(tmp_path), vocab_size=90, block_size=16).eval()
+    assert (ours_logits(cut, idx[:, :16]) - hf_logits(hf, idx[:, :16])[..., :90]).abs().max() <= 1e-4
+    # and back: export.hf_model gives a transformers model with the same logits again
+    assert (hf_logits(export.hf_model(model, 96), idx) - hf_logits(hf, idx)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("change, needles", [
+    (dict(model="llama", num_key_value_heads=2), ["grouped-query attention (2 key/value heads for 4 query heads)"]),
+    (dict(model="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}), ["rotary embeddings with linear scaling"]),
+    (dict(model="llama", attention_bias=True), ["biases in its attention or MLP"]),
+    (dict(model="llama", hidden_act="gelu"), ["the activation gelu"]),
+    (dict(model="gpt2", tie_word_embeddings=False), ["output layer untied"]),
+    (dict(model="gpt2", scale_attn_by_inverse_layer_idx=True), ["attention scaled otherwise"]),
+    (dict(model="gpt_neox"), ["is a gpt_neox model", "gpt2 and llama models only"]),
+])
+def test_import_refuses_what_it_cannot_load_exactly(tmp_path, change, needles):
+    kind = change.pop("model")
+    small = dict(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    config = {"llama": lambda: LlamaConfig(**small, **change),
+              "gpt2": lambda: GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, **change),
+              "gpt_neox": lambda: transformers.GPTNeoXConfig(**small)}[kind]()
+    config.save_pretrained(tmp_path)  # the refusal comes from config.json alone, before any weights
+    with pytest.raises(SystemExit) as e:
+        GPT.from_pretrained(str(tmp_path))
+    one_sentence(e.value, "error:", *needles)
+
+
+def test_import_checks_the_shape_and_the_vocabulary(tmp_path, trained):
+    randomized(tiny_hf("gpt2")).save_pretrained(tmp_path)
+    for override, needles in [({"n_layer": 3}, ["n_layer=3 conflicts with", "whose weights have n_layer=2"]),
+                              ({"arch": "llama"}, ["arch=llama conflicts"]),
+                              ({"block_size": 64}, ["block_size=64 is more than the 32"])]:
+        with pytest.raises(SystemExit) as e:
+            GPT.from_pretrained(str(tmp_path), **override)
+        one_sentence(e.value, *needles)
+    GPT.from_pretrained(str(tmp_path), n_layer=2, n_ffn=128, bias=True)  # agreeing values are fine
+    # a character dataset on a model with GPT-2's tokenizer
+    export.hf_tokenizer({"tokenizer": "gpt2"}).save_pretrained(tmp_path)
+    char_meta = load_checkpoint(os.path.join(trained["gpt2"], "ckpt.pt"))["meta"]
+    with pytest.raises(SystemExit) as e:
+        GPT.from_pretrained(str(tmp_path), export.vocabulary(char_meta))
+    one_sentence(e.value, "the dataset's vocabulary is not", "token '\\n' is id 0 in the dataset, None in the model")
+
+
+def test_a_hub_name_that_cannot_be_fetched_is_one_sentence():
+    proc = run("sample.py", "--hf=gtp2", check=False, env={"HF_HUB_OFFLINE": "1"})
+    one_sentence(proc, "cannot load 'gtp2'", "not a local Hugging Face model directory", "check the name or path")
+
+
+# -----------------------------------------------------------------------------
+# export: ours -> Hugging Face, on checkpoints that train.py wrote
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exported_model_loads_in_transformers_with_our_logits_and_greedy_text(exported, trained, arch):
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(exported[arch]))
+    hf = AutoModelForCausalLM.from_pretrained(exported[arch], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported[arch])
+    model, checkpoint = checkpoint_model(trained[arch])
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    idx = torch.randint(0, checkpoint["meta"]["vocab_size"], (3, 32))
+    assert (ours_logits(model, idx) - hf_logits(hf, idx)).abs().max() <= 1e-4
+
+    # HF's greedy generate gives our greedy decoding: sample.py's (run without transformers) for gpt2,
+    # the same model.generate called here for llama
+    prompt = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
+    assert torch.equal(generated, model.generate(prompt, 24, temperature=0))
+    if arch == "gpt2":
+        args = ["--start=ROMEO:", "--num_samples=1", "--max_new_tokens=24", "--temperature=0"]
+        ours = run("sample.py", f"--out_dir={trained[arch]}", *args, without_hf=True)
+        assert ours.stdout == tokenizer.decode(generated[0]) + "\n---------------\n"
+        assert "24 tokens in" in ours.stderr and "tokens/s" in ours.stderr
+        # and sample.py straight from the exported directory
+        assert run("sample.py", f"--hf={exported[arch]}", *args).stdout == ours.stdout
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_export_then_import_gives_identical_weights(exported, trained, arch):
+    model, _ = checkpoint_model(trained[arch])
+    back = GPT.from_pretrained(exported[arch])
+    assert back.config == model.config  # bias-free gpt2 included: its zero biases in the file are dropped again
+    original, again = model.state_dict(), back.state_dict()
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_tokenizers_round_trip(exported, trained):
+    # characters: the exported tokenizer encodes and decodes as the dataset's table does
+    meta = load_checkpoint(os.path.join(trained["gpt2"], "ckpt.pt"))["meta"]
+    chars = AutoTokenizer.from_pretrained(exported["gpt2"])
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.  "
+    assert chars(text)["input_ids"] == [meta["stoi"][c] for c in text]
+    assert chars.decode(chars(text)["input_ids"]) == text
+    # GPT-2's BPE rebuilt from tiktoken's ranks: the same ids as tiktoken, and back to the same text
+    enc = gpt2_encoding()
+    bpe = export.hf_tokenizer({"tokenizer": "gpt2"})
+    text = ("Hello world! It's 2026: naïve café, ‘quotes’ — 日本語, emoji 🙂🚀\n\n   indented\tline"
+            " don't<|endoftext|>The end. 12345 ÅÄÖ Ελληνικά Кириллица")
+    ids = enc.encode(text, allowed_special="all")
+    assert bpe(text)["input_ids"] == ids
+    assert bpe.decode(ids) == text
+    assert bpe.get_vocab() == export.vocabulary({"tokenizer": "gpt2"}) and len(bpe) == 50257
+
+
+# -----------------------------------------------------------------------------
+# train.py from pretrained weights
+
+
+def test_train_from_an_exported_model_then_resume(exported, trained, tmp_path):
+    source = [r for r in log(trained["gpt2"]) if "val_loss" in r][-1]
+    args = [f"--out_dir={tmp_path}", f"--init_from={exported['gpt2']}", *TINY[2:], "--loss=ce", "--eval_interval=2"]
+    proc = run("train.py", *args, "--max_iters=2")
+    assert "starting from the weights of" in proc.stdout
+    first = [r for r in log(tmp_path) if "val_loss" in r][0]
+    assert first["iter"] == 0 and first["val_loss"] == pytest.approx(source["val_loss"], abs=1e-5)  # the same model
+    checkpoint = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
+    assert checkpoint["config"]["n_layer"] == 2 and checkpoint["model_args"]["n_layer"] == 2  # the weights' shape
+    proc = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=4", "--eval_interval=2",
+               without_hf=True)  # the run goes on as any other: without transformers
+    assert "resuming from" in proc.stdout and "at iteration 2" in proc.stdout
+    evals = [r for r in log(tmp_path) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 2, 2, 4] and evals[2]["val_loss"] == pytest.approx(evals[1]["val_loss"])
+
+
+def test_train_refuses_a_conflicting_shape(exported, tmp_path):
+    proc = run("train.py", f"--out_dir={tmp_path}", f"--init_from={exported['llama']}", *TINY, "--n_layer=3",
+               check=False)
+    one_sentence(proc, "n_layer=3 conflicts with", "leave n_layer out")
+
+
+# -----------------------------------------------------------------------------
+# sample.py streams BPE text without breaking characters; the core runs without transformers
+
+
+def test_sample_streams_bpe_text_whole_characters(tmp_path):
+    """A GPT-2-vocabulary checkpoint made to emit a fixed text whose rare characters GPT-2's BPE splits
+    into several tokens each: the streamed output is exactly that text."""
+    enc = gpt2_encoding()
+    text = " naïve café — 日本語 🙂🚀 ‘ok’\nsecond line: Ελληνικά"
+    targets = enc.encode(text)
+    assert any("\ufffd" in enc.decode([t]) for t in targets)  # some tokens end inside a character
+    distinct = sorted(set(targets))
+    d = 2 * len(distinct)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=len(targets) + 1, n_layer=1, n_head=2, n_embd=d, bias=False))
+    # blocks that add nothing; token t_j and position p point along directions u_j = e_2j - e_2j+1,
+    # the position far more, so the output after position p is the p-th target, whatever the input
+    with torch.no_grad():
+        for p in model.transformer.h.parameters():
+            p.zero_()
+        model.transformer.wte.weight.normal_(0, 0.01)
+        u = torch.zeros(len(distinct), d)
+        u[range(len(distinct)), range(0, d, 2)], u[range(len(distinct)), range(1, d, 2)] = 1.0, -1.0
+        model.transformer.wte.weight[distinct] = u
+        model.transformer.wpe.weight.zero_()
+        for p, t in enumerate(targets):
+            model.transformer.wpe.weight[p] = 10 * u[distinct.index(t)]
+    checkpoint = {"model": model.state_dict(), "optimizer": {}, "model_args": vars(model.config), "config": {},
+                  "iter_num": 0, "best_val_loss": 0.0, "rng": [], "meta": {"vocab_size": 50257, "tokenizer": "gpt2"}}
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    proc = run("sample.py", f"--out_dir={tmp_path}", "--start=A", "--num_samples=1",
+               f"--max_new_tokens={len(targets)}", "--temperature=0", without_hf=True)
+    assert proc.stdout == "A" + text + "\n---------------\n"
+    assert f"{len(targets)} tokens in" in proc.stderr and "tokens/s" in proc.stderr
+
+
+def test_the_block_of_the_optional_packages_is_real():
+    """The fixture's training runs and the sample runs above go through this block: model.py, mile.py,
+    train.py and sample.py ran there without transformers, safetensors, tokenizers or huggingface_hub."""
+    proc = subprocess.run([sys.executable, "-c", BLOCK_HF + "import transformers"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "import of transformers halted" in proc.stderr, proc.stderr
