@@ -84,7 +84,8 @@ if args.hf:
         try:
             return tokenizer(s)["input_ids"]
         except Exception as e:  # e.g. a character outside a character vocabulary
-            fail(f"the model's tokenizer cannot encode the prompt ({str(e).splitlines()[0]})")
+            fail(f"the model's tokenizer cannot encode the prompt ({str(e).splitlines()[0]}); give text made of "
+                 f"what it knows (a character-level model: the characters of its training text)")
 
     def decode(ids):
         return tokenizer.decode(ids)

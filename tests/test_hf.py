@@ -311,3 +311,48 @@ def test_the_block_of_the_optional_packages_is_real():
     train.py and sample.py ran there without transformers, safetensors, tokenizers or huggingface_hub."""
     proc = subprocess.run([sys.executable, "-c", BLOCK_HF + "import transformers"], capture_output=True, text=True)
     assert proc.returncode != 0 and "import of transformers halted" in proc.stderr, proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness on an exported model, offline, on a task file written here
+
+def test_lm_eval_scores_an_exported_model_offline(exported, trained, tmp_path, monkeypatch):
+    """lm-evaluation-harness (its Python API: the same as `lm_eval --model hf ...` without indexing its
+    thousands of built-in tasks) on a multiple-choice task of three items: its log-likelihoods are ours."""
+    # no hub: the datasets library reads these when lm_eval first imports it
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}.items():
+        monkeypatch.setenv(key, value)
+    lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-hf.txt")
+    from lm_eval.tasks import TaskManager
+    items = [{"question": "ROMEO:", "choices": ["I will", "xq zz", "!!!"], "answer": 0},
+             {"question": "JULIET:\nO Romeo,", "choices": ["Romeo", "Qx", "3;;"], "answer": 0},
+             {"question": "First Citizen:\nWe are", "choices": ["all", "zZ", "&&"], "answer": 1}]
+    with open(tmp_path / "items.jsonl", "w") as f:
+        f.writelines(json.dumps(item) + "\n" for item in items)
+    (tmp_path / "nanomile_mc.yaml").write_text(
+        "task: nanomile_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'items.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={exported['gpt2']},dtype=float32,prefix_token_id=0", tasks=["nanomile_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), device="cpu", batch_size=1,
+        log_samples=True, random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=None)
+    samples = sorted(results["samples"]["nanomile_mc"], key=lambda s: s["doc_id"])
+    loglikelihoods = [[r[0][0] for r in s["resps"]] for s in samples]
+
+    # the same scores from our model: log p(" " + choice | question), summed over its characters
+    model, checkpoint = checkpoint_model(trained["gpt2"])
+    stoi = checkpoint["meta"]["stoi"]
+    ours = []
+    for item in items:
+        context = [stoi[c] for c in item["question"]]
+        row = []
+        for choice in item["choices"]:
+            ids = torch.tensor([context + [stoi[c] for c in " " + choice]])
+            with torch.no_grad():
+                logp = torch.log_softmax(ours_logits(model, ids[:, :-1]), dim=-1)[0]
+            row.append(sum(logp[t - 1, ids[0, t]].item() for t in range(len(context), ids.size(1))))
+        ours.append(row)
+    assert sum(loglikelihoods, []) == pytest.approx(sum(ours, []), abs=1e-4)
+    assert results["results"]["nanomile_mc"]["acc,none"] == pytest.approx(sum(r.index(max(r)) == i["answer"] for r, i in zip(ours, items)) / 3)
