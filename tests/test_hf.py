@@ -29,12 +29,22 @@ BLOCK_HF = ("import runpy, sys\n"
             "    sys.modules[name] = None\n")
 WITHOUT_HF = BLOCK_HF + "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
 
-def run(script, *args, check=True, without_hf=False, env=None):
+def start(script, *args, without_hf=False, env=None):
+    """python script args in a subprocess, started; one thread (tiny models), so that two can run at once."""
     cmd = [sys.executable, *(["-c", WITHOUT_HF] if without_hf else []), os.path.join(ROOT, script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def finish(proc, check=True):
+    stdout, stderr = proc.communicate(timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+        raise AssertionError(f"{' '.join(proc.args[-3:])} failed:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run(script, *args, check=True, **kw):
+    return finish(start(script, *args, **kw), check)
 
 
 def one_sentence(proc_or_exit, *needles):
@@ -81,11 +91,11 @@ def hf_logits(model, idx):
 def trained(tmp_path_factory):
     """{arch: out_dir} of 6-iteration runs on shakespeare_char, 2 layers, trained with the optional
     packages blocked: the core needs only torch, numpy, tiktoken, tqdm."""
-    out = {}
-    for arch in ("gpt2", "llama"):
-        out[arch] = str(tmp_path_factory.mktemp(arch))
-        run("train.py", f"--out_dir={out[arch]}", f"--arch={arch}", "--n_layer=2", *TINY, "--max_iters=6",
-            "--eval_interval=6", without_hf=True)
+    out = {arch: str(tmp_path_factory.mktemp(arch)) for arch in ("gpt2", "llama")}
+    runs = [start("train.py", f"--out_dir={d}", f"--arch={arch}", "--n_layer=2", *TINY, "--max_iters=6",
+                  "--eval_interval=6", without_hf=True) for arch, d in out.items()]  # both at once
+    for proc in runs:
+        finish(proc)
     return out
 
 
@@ -102,6 +112,12 @@ def exported(trained):
     finally:
         sys.argv = argv
     return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    """GPT-2's tokenizer as export.py builds it (deriving the merges takes a second: once)."""
+    return export.hf_tokenizer({"tokenizer": "gpt2"})
 
 
 def checkpoint_model(out_dir):
@@ -166,7 +182,7 @@ def test_import_refuses_what_it_cannot_load_exactly(tmp_path, change, needles):
     one_sentence(e.value, "error:", *needles)
 
 
-def test_import_checks_the_shape_and_the_vocabulary(tmp_path, trained):
+def test_import_checks_the_shape_and_the_vocabulary(tmp_path, trained, gpt2_tokenizer):
     randomized(tiny_hf("gpt2")).save_pretrained(tmp_path)
     for override, needles in [({"n_layer": 3}, ["n_layer=3 conflicts with", "whose weights have n_layer=2"]),
                               ({"arch": "llama"}, ["arch=llama conflicts"]),
@@ -176,16 +192,11 @@ def test_import_checks_the_shape_and_the_vocabulary(tmp_path, trained):
         one_sentence(e.value, *needles)
     GPT.from_pretrained(str(tmp_path), n_layer=2, n_ffn=128, bias=True)  # agreeing values are fine
     # a character dataset on a model with GPT-2's tokenizer
-    export.hf_tokenizer({"tokenizer": "gpt2"}).save_pretrained(tmp_path)
+    gpt2_tokenizer.save_pretrained(tmp_path)
     char_meta = load_checkpoint(os.path.join(trained["gpt2"], "ckpt.pt"))["meta"]
     with pytest.raises(SystemExit) as e:
         GPT.from_pretrained(str(tmp_path), export.vocabulary(char_meta))
     one_sentence(e.value, "the dataset's vocabulary is not", "token '\\n' is id 0 in the dataset, None in the model")
-
-
-def test_a_hub_name_that_cannot_be_fetched_is_one_sentence():
-    proc = run("sample.py", "--hf=gtp2", check=False, env={"HF_HUB_OFFLINE": "1"})
-    one_sentence(proc, "cannot load 'gtp2'", "not a local Hugging Face model directory", "check the name or path")
 
 
 # -----------------------------------------------------------------------------
@@ -210,11 +221,12 @@ def test_exported_model_loads_in_transformers_with_our_logits_and_greedy_text(ex
     assert torch.equal(generated, model.generate(prompt, 24, temperature=0))
     if arch == "gpt2":
         args = ["--start=ROMEO:", "--num_samples=1", "--max_new_tokens=24", "--temperature=0"]
-        ours = run("sample.py", f"--out_dir={trained[arch]}", *args, without_hf=True)
+        from_checkpoint = start("sample.py", f"--out_dir={trained[arch]}", *args, without_hf=True)
+        from_export = start("sample.py", f"--hf={exported[arch]}", *args)  # straight from the exported directory
+        ours = finish(from_checkpoint)
         assert ours.stdout == tokenizer.decode(generated[0]) + "\n---------------\n"
         assert "24 tokens in" in ours.stderr and "tokens/s" in ours.stderr
-        # and sample.py straight from the exported directory
-        assert run("sample.py", f"--hf={exported[arch]}", *args).stdout == ours.stdout
+        assert finish(from_export).stdout == ours.stdout
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -227,7 +239,7 @@ def test_export_then_import_gives_identical_weights(exported, trained, arch):
     assert all(torch.equal(original[k], again[k]) for k in original)
 
 
-def test_tokenizers_round_trip(exported, trained):
+def test_tokenizers_round_trip(exported, trained, gpt2_tokenizer):
     # characters: the exported tokenizer encodes and decodes as the dataset's table does
     meta = load_checkpoint(os.path.join(trained["gpt2"], "ckpt.pt"))["meta"]
     chars = AutoTokenizer.from_pretrained(exported["gpt2"])
@@ -236,7 +248,7 @@ def test_tokenizers_round_trip(exported, trained):
     assert chars.decode(chars(text)["input_ids"]) == text
     # GPT-2's BPE rebuilt from tiktoken's ranks: the same ids as tiktoken, and back to the same text
     enc = gpt2_encoding()
-    bpe = export.hf_tokenizer({"tokenizer": "gpt2"})
+    bpe = gpt2_tokenizer
     text = ("Hello world! It's 2026: naïve café, ‘quotes’ — 日本語, emoji 🙂🚀\n\n   indented\tline"
             " don't<|endoftext|>The end. 12345 ÅÄÖ Ελληνικά Кириллица")
     ids = enc.encode(text, allowed_special="all")
@@ -265,23 +277,26 @@ def test_train_from_an_exported_model_then_resume(exported, trained, tmp_path):
     assert [r["iter"] for r in evals] == [0, 2, 2, 4] and evals[2]["val_loss"] == pytest.approx(evals[1]["val_loss"])
 
 
-def test_train_refuses_a_conflicting_shape(exported, tmp_path):
-    proc = run("train.py", f"--out_dir={tmp_path}", f"--init_from={exported['llama']}", *TINY, "--n_layer=3",
-               check=False)
-    one_sentence(proc, "n_layer=3 conflicts with", "leave n_layer out")
+def test_a_conflicting_shape_and_an_unreachable_hub_name_are_one_sentence(exported, tmp_path):
+    conflict = start("train.py", f"--out_dir={tmp_path}", f"--init_from={exported['llama']}", *TINY, "--n_layer=3")
+    offline = start("sample.py", "--hf=gtp2", env={"HF_HUB_OFFLINE": "1"})  # a typo, and no hub to ask
+    one_sentence(finish(conflict, check=False), "n_layer=3 conflicts with", "leave n_layer out")
+    one_sentence(finish(offline, check=False), "cannot load 'gtp2'", "not a local Hugging Face model directory",
+                 "check the name or path")
 
 
 # -----------------------------------------------------------------------------
 # sample.py streams BPE text without breaking characters; the core runs without transformers
 
 
-def test_sample_streams_bpe_text_whole_characters(tmp_path):
-    """A GPT-2-vocabulary checkpoint made to emit a fixed text whose rare characters GPT-2's BPE splits
-    into several tokens each: the streamed output is exactly that text."""
-    enc = gpt2_encoding()
-    text = " naïve café — 日本語 🙂🚀 ‘ok’\nsecond line: Ελληνικά"
-    targets = enc.encode(text)
-    assert any("\ufffd" in enc.decode([t]) for t in targets)  # some tokens end inside a character
+FORCED_TEXT = " naïve café — 日本語 🙂🚀 ‘ok’\nsecond line: Ελληνικά"
+
+
+@pytest.fixture(scope="module")
+def forced_bpe(tmp_path_factory):
+    """A checkpoint with GPT-2's vocabulary made to emit FORCED_TEXT after any one-token prompt; GPT-2's
+    BPE splits its rare characters into several tokens each."""
+    targets = gpt2_encoding().encode(FORCED_TEXT)
     distinct = sorted(set(targets))
     d = 2 * len(distinct)
     model = GPT(GPTConfig(vocab_size=50257, block_size=len(targets) + 1, n_layer=1, n_head=2, n_embd=d, bias=False))
@@ -299,11 +314,42 @@ def test_sample_streams_bpe_text_whole_characters(tmp_path):
             model.transformer.wpe.weight[p] = 10 * u[distinct.index(t)]
     checkpoint = {"model": model.state_dict(), "optimizer": {}, "model_args": vars(model.config), "config": {},
                   "iter_num": 0, "best_val_loss": 0.0, "rng": [], "meta": {"vocab_size": 50257, "tokenizer": "gpt2"}}
-    torch.save(checkpoint, tmp_path / "ckpt.pt")
-    proc = run("sample.py", f"--out_dir={tmp_path}", "--start=A", "--num_samples=1",
+    out = tmp_path_factory.mktemp("forced")
+    torch.save(checkpoint, out / "ckpt.pt")
+    return str(out), targets
+
+
+def test_sample_streams_bpe_text_whole_characters(forced_bpe):
+    out_dir, targets = forced_bpe
+    enc = gpt2_encoding()
+    assert any("\ufffd" in enc.decode([t]) for t in targets)  # some tokens end inside a character
+    proc = run("sample.py", f"--out_dir={out_dir}", "--start=A", "--num_samples=1",
                f"--max_new_tokens={len(targets)}", "--temperature=0", without_hf=True)
-    assert proc.stdout == "A" + text + "\n---------------\n"
+    assert proc.stdout == "A" + FORCED_TEXT + "\n---------------\n"  # printed piece by piece, never a half character
     assert f"{len(targets)} tokens in" in proc.stderr and "tokens/s" in proc.stderr
+
+
+def test_export_of_a_bpe_checkpoint(forced_bpe, tmp_path):
+    """GPT-2 BPE checkpoints export with vocab.json and merges.txt too; transformers' greedy generate
+    then writes the same text."""
+    out_dir, targets = forced_bpe
+    argv = sys.argv
+    try:
+        sys.argv = ["export.py", f"--out_dir={out_dir}", f"--to={tmp_path / 'hf'}"]
+        export.main()
+    finally:
+        sys.argv = argv
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= set(os.listdir(tmp_path / "hf"))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    slow_files = Tokenizer(models.BPE.from_file(str(tmp_path / "hf" / "vocab.json"), str(tmp_path / "hf" / "merges.txt")))
+    slow_files.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert slow_files.encode(FORCED_TEXT).ids == targets
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = tokenizer("A", return_tensors="pt")["input_ids"]
+    generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=len(targets),
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert tokenizer.decode(generated[0]) == "A" + FORCED_TEXT
 
 
 def test_the_block_of_the_optional_packages_is_real():
