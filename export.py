@@ -24,7 +24,7 @@ from data.common import gpt2_encoding
 from model import GPT, GPTConfig, load_checkpoint
 
 GPT2_EOT = "<|endoftext|>"
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF GPT-2 stores these (in, out)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out) by HF
 WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
 
@@ -86,9 +86,9 @@ def hf_tokenizer(meta):
                                    clean_up_tokenization_spaces=False)
 
 
-def hf_model(model, vocab_size):
+def hf_model(model, vocab_size, eos_token_id=None):
     """A transformers GPT2LMHeadModel or LlamaForCausalLM with the weights of our GPT, its vocabulary
-    cut to its first vocab_size ids."""
+    cut to its first vocab_size ids; eos_token_id (GPT-2's <|endoftext|>) ends Hugging Face's generate."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     cfg, sd, V = model.config, model.state_dict(), vocab_size
@@ -98,7 +98,7 @@ def hf_model(model, vocab_size):
             vocab_size=V, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_inner=n_ffn, activation_function="gelu" if cfg.gelu_approximate == "none" else "gelu_new",
             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=None, eos_token_id=None, tie_word_embeddings=True))
+            bos_token_id=eos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=True))
         # the same names as ours; Conv1D weights transposed; a bias-free model gets zero biases
         out = {k: sd[k].t() if k.endswith(CONV1D) else sd[k] for k in hf.state_dict() if k in sd}
         out.update({k: torch.zeros_like(v) for k, v in hf.state_dict().items() if k not in sd and k.endswith(".bias")})
@@ -107,7 +107,7 @@ def hf_model(model, vocab_size):
             vocab_size=V, hidden_size=cfg.n_embd, intermediate_size=n_ffn, num_hidden_layers=cfg.n_layer,
             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
             rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False, hidden_act="silu",
-            attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=None))
+            attention_bias=False, mlp_bias=False, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None))
         # our fused c_attn is q, k, v stacked; our rotary pairs features (i, i + hs/2), HF's rotate_half:
         # the q and k rows map as they are
         out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"],
@@ -147,7 +147,10 @@ def main():
     checkpoint = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
-    meta = checkpoint["meta"]
+    meta = checkpoint.get("meta")
+    if meta is None:
+        sys.exit("error: the checkpoint carries no tokenizer (an older train.py wrote it); resume it for one "
+                 "iteration with the current train.py to add it, then export")
     try:
         tokenizer = hf_tokenizer(meta)
     except ValueError as e:
@@ -158,7 +161,8 @@ def main():
     # write everything into a fresh directory beside the target, then swap it in: never half an export
     tmp = to.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_model(model, meta["vocab_size"]).save_pretrained(tmp)
+    eos = 50256 if meta.get("tokenizer") == "gpt2" else None  # characters have no end-of-text token
+    hf_model(model, meta["vocab_size"], eos).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if "stoi" not in meta:
         tokenizer.backend_tokenizer.model.save(tmp)  # also GPT-2's vocab.json and merges.txt

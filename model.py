@@ -311,7 +311,8 @@ class GPT(nn.Module):
             rope = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta, **(c.rope_scaling or {})}
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if c.num_key_value_heads != c.num_attention_heads:
-                refuse(f"grouped-query attention ({c.num_key_value_heads} key/value heads for {c.num_attention_heads} query heads)")
+                refuse(f"grouped-query attention ({c.num_key_value_heads} key/value heads for "
+                       f"{c.num_attention_heads} query heads)")
             if rope_type != "default":
                 refuse(f"rotary embeddings with {rope_type} scaling")
             if c.attention_bias or c.mlp_bias:

@@ -46,7 +46,7 @@ eval_interval = 250  # evaluate and save a checkpoint every this many iterations
 log_interval = 50
 eval_iters = 25  # batches per split in an evaluation
 eval_only = False  # evaluate once and exit
-init_from = "scratch"  # "scratch", "resume" (from out_dir/ckpt.pt), or Hugging Face weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local directory (GPT-2 or LLaMA)
+init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or Hugging Face weights: gpt2[-medium|-large|-xl], or a directory
 # data
 dataset = "shakespeare_char"  # a folder in data/, or a path, holding meta.pkl and {train,val}.bin or {train,val}_*.bin shards
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
@@ -275,7 +275,8 @@ if init_from in ("scratch", "resume"):
 else:  # pretrained weights through transformers (requirements-hf.txt): the shape is theirs, the rest ours
     from export import vocabulary
     shape_keys = ("arch", "n_layer", "n_head", "n_embd", "n_ffn", "bias")
-    model = GPT.from_pretrained(init_from, vocabulary(meta), **{k: v for k, v in model_args.items() if k not in shape_keys or k in explicit})
+    given = {k: v for k, v in model_args.items() if k not in shape_keys or k in explicit}  # shape: only if asked for
+    model = GPT.from_pretrained(init_from, vocabulary(meta), **given)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
     config.update({k: model_args[k] for k in shape_keys})  # the checkpoint's config tells the true shape
     if master:
