@@ -46,7 +46,7 @@ eval_interval = 250  # evaluate and save a checkpoint every this many iterations
 log_interval = 50
 eval_iters = 25  # batches per split in an evaluation
 eval_only = False  # evaluate once and exit
-init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or Hugging Face weights: gpt2[-medium|-large|-xl], or a directory
 # data
 dataset = "shakespeare_char"  # a folder in data/, or a path, holding meta.pkl and {train,val}.bin or {train,val}_*.bin shards
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
@@ -159,8 +159,6 @@ if init_from == "resume":
     for key, value in checkpoint["config"].items():
         if key in config_keys and key not in explicit and key not in MACHINE_KEYS:
             globals()[key] = value
-elif init_from != "scratch":
-    fail(f"init_from must be 'scratch' or 'resume', not {init_from!r}")
 if loss not in LOSSES:
     fail(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
 if arch not in ("gpt2", "llama"):
@@ -269,9 +267,21 @@ if checkpoint is not None:
             fail(f"{key}={model_args[key]} differs from the checkpoint's {checkpoint['model_args'][key]}; "
                  f"a resumed run keeps the shape it was saved with")
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    model_args = {**checkpoint["model_args"], **model_args}  # and what train.py has no setting for (rope_theta, ...)
     if master:
         print(f"resuming from {ckpt_path} at iteration {iter_num}")
-model = GPT(GPTConfig(**model_args)).to(device)
+if init_from in ("scratch", "resume"):
+    model = GPT(GPTConfig(**model_args))
+else:  # pretrained weights through transformers (requirements-hf.txt): the shape is theirs, the rest ours
+    from export import vocabulary
+    shape_keys = ("arch", "n_layer", "n_head", "n_embd", "n_ffn", "bias")
+    given = {k: v for k, v in model_args.items() if k not in shape_keys or k in explicit}  # shape: only if asked for
+    model = GPT.from_pretrained(init_from, vocabulary(meta), **given)
+    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    config.update({k: model_args[k] for k in shape_keys})  # the checkpoint's config tells the true shape
+    if master:
+        print(f"starting from the weights of {init_from}")
+model = model.to(device)
 raw_model = model  # the module whose state we save and load: plain, or sharded in place by FSDP
 torch.manual_seed(seed + rank)  # but dropout differs between processes (the data is drawn apart)
 if distributed and parallel == "fsdp":
