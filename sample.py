@@ -8,12 +8,12 @@ Sample text from a checkpoint written by train.py.
 
 import argparse
 import os
-import pickle
 import sys
 from contextlib import nullcontext
 
 import torch
 
+from data.common import dataset_dir, read_meta
 from model import GPT, GPTConfig, load_checkpoint
 
 parser = argparse.ArgumentParser(description="Sample text from a checkpoint written by train.py.", allow_abbrev=False)
@@ -56,12 +56,14 @@ ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else 
 # -----------------------------------------------------------------------------
 # tokenizer: the checkpoint carries its dataset's meta (the char vocabulary, or the BPE's name)
 meta = checkpoint.get("meta")
-if meta is None:  # an older checkpoint: read the dataset's meta.pkl
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", checkpoint["config"]["dataset"], "meta.pkl")
+if meta is None:  # an older checkpoint: read the dataset's meta.pkl (as plain data: it cannot run code)
+    meta_path = os.path.join(dataset_dir(checkpoint["config"]["dataset"]), "meta.pkl")
     if not os.path.exists(meta_path):
         fail(f"the checkpoint names dataset {checkpoint['config']['dataset']!r}, but {meta_path} is missing; prepare that dataset first")
-    with open(meta_path, "rb") as f:
-        meta = pickle.load(f)
+    try:
+        meta = read_meta(meta_path)
+    except ValueError as e:
+        fail(str(e))
 if "stoi" in meta:  # characters
     stoi, itos = meta["stoi"], meta["itos"]
 
