@@ -174,7 +174,7 @@ for arg in sys.argv[1:]:
     else:
         fail(f"{arg!r} is neither a --key=value setting nor a config file")
 
-# a resumed run continues with its own settings, except those given above and those of the machine
+# a resumed run continues with its own settings, except those given above and those of this machine and command
 MACHINE_KEYS = ("out_dir", "init_from", "overwrite", "device", "dtype", "compile", "compile_loss", "parallel",
                 "peak_flops_per_s")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -240,7 +240,7 @@ if dtype == "float16" and device_type == "cpu":
     fail("float16 on the CPU is emulated: a step of the default model takes about 20x as long as in float32 "
          "(1.55 s against 77 ms, one core of an AMD EPYC); use --dtype=float32, or bfloat16 on a CPU that has "
          "bfloat16 instructions (AMX, AVX512-BF16)")
-cpu_group = None  # the default process group, or a gloo one beside NCCL: it agrees on Ctrl-C without waiting on a GPU
+cpu_group = None  # the default group, or beside NCCL a gloo one: it agrees on Ctrl-C without waiting on a GPU
 if distributed:
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
@@ -286,7 +286,8 @@ if local_rank == 0:  # one process per machine prepares and checks the data: nod
                      f"truncated or no token file; prepare the dataset again", local=True)
         longest[split] = max((os.path.getsize(path) // 2 for path in split_files(data_dir, split)), default=0)
         if longest[split] < 2:
-            fail(f"{data_dir} has no {split} split (no file of 2 or more tokens); prepare the dataset again", local=True)
+            fail(f"{data_dir} has no {split} split (no file of 2 or more tokens); prepare the dataset again",
+                 local=True)
     split = min(longest, key=longest.get)
     if block_size >= longest[split]:
         fail(f"block_size {block_size} is too long for {data_dir}: a window of block_size + 1 tokens must fit in a "
@@ -312,12 +313,13 @@ def get_batch(split, step, micro_step):
 
 
 # -----------------------------------------------------------------------------
-# out_dir: made only now that every check has passed, and held by one run at a time through an
-# advisory lock on out_dir/.lock, which the OS drops when the process ends, however it ends
+# out_dir: made only now that the settings and the data have passed their checks, and held by one run
+# at a time through an advisory lock on out_dir/.lock, which the OS drops when the process ends, however
+# it ends
 def command_line():
     """The command that started this run, as a list: python's, or under torchrun torchrun's (the parent)."""
     parent = f"/proc/{os.getppid()}/cmdline"
-    if distributed and os.path.exists(parent):
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.path.exists(parent):
         with open(parent) as f:
             return f.read().split("\0")[:-1]
     return sys.orig_argv
@@ -584,8 +586,9 @@ if stopping:  # Ctrl-C: save the last completed step (unless it is saved, or its
     if iter_num > last_saved:
         lossf = mean_over_processes(train_loss)
         if not math.isfinite(lossf):
-            fail(f"interrupted with the training loss at {lossf} (iteration {iter_num}), so nothing saved; the last "
-                 f"good checkpoint {ckpt_path} is kept: lower learning_rate (now {learning_rate}) or raise warmup_iters")
+            fail(f"interrupted with the training loss at {lossf} (iteration {iter_num}), so nothing saved; the "
+                 f"last good checkpoint {ckpt_path} is kept: lower learning_rate (now {learning_rate}) or raise "
+                 f"warmup_iters")
         save_checkpoint()
     resume = [arg for arg in command_line() if not arg.startswith(("--init_from=", "--overwrite="))]
     if master and (iter_num > first_iter or init_from == "resume"):
