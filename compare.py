@@ -49,7 +49,7 @@ def train_runs(args, extra):
                 print(f"{out}: finished before, not trained again")
                 continue
             cmd = [sys.executable, os.path.join(ROOT, "train.py"), *SETTINGS[args.setting], f"--loss={objective}",
-                   "--gamma=1.0", f"--seed={seed}", f"--out_dir={out}", *extra]
+                   "--gamma=1.0", f"--seed={seed}", f"--out_dir={out}", "--overwrite=True", *extra]
             print(" ".join(cmd[1:]), flush=True)
             if os.path.exists(os.path.join(out, "log.jsonl")):
                 os.remove(os.path.join(out, "log.jsonl"))  # an interrupted run starts over: one curve per run

@@ -86,7 +86,8 @@ def format_table(rows):
 def evaluate_checkpoint(out_dir, eval_iters=None, device="cpu", seed=None):
     """The bucket statistics of out_dir/ckpt.pt on the fixed validation batches of its train.py run
     (eval_iters of them; drawn with another seed to put runs of different seeds on the same batches)."""
-    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "name the directory that holds ckpt.pt "
+                                 "(python evaluate.py DIR)")
     config = checkpoint["config"]
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])

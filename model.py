@@ -409,16 +409,17 @@ def peak_flops(device_name):
     return None
 
 
-def load_checkpoint(path):
-    """The dict train.py saved at path, on the CPU, or exit with one sentence saying what is wrong."""
+def load_checkpoint(path, elsewhere="point --out_dir at the directory that holds ckpt.pt"):
+    """The dict train.py saved at path, on the CPU, or exit with one sentence saying what is wrong.
+    elsewhere: how the caller's user names another checkpoint directory."""
     if not os.path.isfile(path):
-        sys.exit(f"error: no checkpoint at {path}; train one first (python train.py), or point --out_dir "
-                 f"at the directory that holds ckpt.pt")
+        sys.exit(f"error: no checkpoint at {path}; train one first (python train.py), or {elsewhere}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: {path} is not a readable checkpoint (it may be truncated or corrupt: "
-                 f"{type(e).__name__}); restore a good copy or train afresh with --init_from=scratch")
+                 f"{type(e).__name__}); restore a good copy, or train afresh over it with python train.py "
+                 f"--out_dir={os.path.dirname(path) or '.'} --overwrite=True")
     needed = {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "rng"}
     if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
         sys.exit(f"error: {path} is a PyTorch file but not a checkpoint written by train.py")

@@ -11,13 +11,13 @@ The text streams out as it is generated; the speed (tokens/s) comes last, on std
 
 import argparse
 import os
-import pickle
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
+from data.common import dataset_dir, read_meta
 from model import GPT, GPTConfig, load_checkpoint
 
 parser = argparse.ArgumentParser(description="Sample text from a checkpoint written by train.py.", allow_abbrev=False)
@@ -67,12 +67,13 @@ ctx = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else 
 # tokenizer: a Hugging Face model's own, or the checkpoint's dataset's meta (the char vocabulary, or the BPE's name)
 meta = None if args.hf else checkpoint.get("meta")
 if meta is None and not args.hf:  # an older checkpoint: read the dataset's meta.pkl
-    from data.common import dataset_dir
     meta_path = os.path.join(dataset_dir(checkpoint["config"]["dataset"]), "meta.pkl")
     if not os.path.exists(meta_path):
         fail(f"the checkpoint names dataset {checkpoint['config']['dataset']!r}, but {meta_path} is missing; prepare that dataset first")
-    with open(meta_path, "rb") as f:
-        meta = pickle.load(f)
+    try:
+        meta = read_meta(meta_path)  # as plain data: it cannot run code
+    except ValueError as e:
+        fail(str(e))
 if args.hf:
     from transformers import AutoTokenizer
 

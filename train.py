@@ -7,7 +7,7 @@ MiLe model for about two minutes:
 Choose the objective, or any other setting below, with --key=value, after an optional config file:
     python train.py --loss=ce
     python train.py config/train_shakespeare_char.py --loss=focal --gamma=1
-Continue a run from its last checkpoint:
+Continue a run from its last checkpoint (Ctrl-C saves one and prints this command):
     python train.py --out_dir=out --init_from=resume
 On several devices, one process each, through torchrun (DDP; --parallel=fsdp shards the model):
     torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare.py --gradient_accumulation_steps=8
@@ -19,12 +19,18 @@ import difflib
 import json
 import math
 import os
-import pickle
+import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
 from ast import literal_eval
 from contextlib import nullcontext
+
+# Ctrl-C before the training loop: there is nothing to save yet, so stop at once, without a traceback
+signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted before training began: nothing to save\n"),
+                                         os._exit(130)))
 
 import torch
 import torch.distributed as dist
@@ -33,10 +39,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.common import dataset_dir, get_windows, split_files, train_token_counts
+from data.common import dataset_dir, get_windows, read_meta, split_files, train_token_counts
 from evaluate import BUCKETS, evaluate_buckets, frequency_buckets
 from mile import LOSSES
 from model import GPT, GPTConfig, load_checkpoint, peak_flops
+
+try:
+    import fcntl  # the out_dir lock
+except ImportError:  # Windows: no lock
+    fcntl = None
 
 # -----------------------------------------------------------------------------
 # default config: the laptop-CPU run on Shakespeare-char (figures in the README)
@@ -47,6 +58,7 @@ log_interval = 50
 eval_iters = 25  # batches per split in an evaluation
 eval_only = False  # evaluate once and exit
 init_from = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or Hugging Face weights: gpt2[-medium|-large|-xl], or a directory
+overwrite = False  # let a scratch run replace the checkpoint (and log) of an earlier run in out_dir
 # data
 dataset = "shakespeare_char"  # a folder in data/, or a path, holding meta.pkl and {train,val}.bin or {train,val}_*.bin shards
 gradient_accumulation_steps = 1  # micro-batches per optimizer step
@@ -90,11 +102,23 @@ peak_flops_per_s = 0.0  # the denominator of MFU; 0 looks the GPU up in model.PE
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 
-def fail(message):
-    """Stop with one sentence for the user (from the first process only), no traceback."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"error: {message}", file=sys.stderr)
+def fail(message, local=False):
+    """Stop with one sentence for the user, no traceback. Settings are checked alike in every process,
+    so the first one alone speaks; a check of a machine's own files or GPUs (local=True) is told by
+    that machine's first process (LOCAL_RANK 0), naming itself when it is not the first of all."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if rank == 0 or (local and local_rank == 0):
+        where = f"process {rank} on {socket.gethostname()}: " if rank else ""
+        print(f"error: {where}{message}", file=sys.stderr)
     sys.exit(1)
+
+
+def barrier():
+    """Under torchrun, wait for every process; if one stopped at a check instead (it said why), stop too."""
+    try:
+        dist.barrier(group=cpu_group)
+    except Exception:  # gloo: "Connection closed by peer"
+        sys.exit(1)
 
 
 def set_config(key, value, source):
@@ -150,12 +174,16 @@ for arg in sys.argv[1:]:
     else:
         fail(f"{arg!r} is neither a --key=value setting nor a config file")
 
-# a resumed run continues with its own settings, except those given above and those of the machine
-MACHINE_KEYS = ("out_dir", "init_from", "device", "dtype", "compile", "compile_loss", "parallel", "peak_flops_per_s")
+# a resumed run continues with its own settings, except those given above and those of this machine and command
+MACHINE_KEYS = ("out_dir", "init_from", "overwrite", "device", "dtype", "compile", "compile_loss", "parallel",
+                "peak_flops_per_s")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 if init_from == "resume":
-    checkpoint = load_checkpoint(ckpt_path)
+    try:
+        checkpoint = load_checkpoint(ckpt_path, "point --out_dir at the directory that holds ckpt.pt")
+    except SystemExit as e:  # every process reads it: its sentence, said once per machine
+        fail(str(e.code).removeprefix("error: "), local=True)
     for key, value in checkpoint["config"].items():
         if key in config_keys and key not in explicit and key not in MACHINE_KEYS:
             globals()[key] = value
@@ -163,6 +191,9 @@ if loss not in LOSSES:
     fail(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
 if arch not in ("gpt2", "llama"):
     fail(f"arch must be 'gpt2' or 'llama', not {arch!r}")
+if gamma < 0:
+    fail(f"gamma must not be negative, not {gamma}: it is the exponent of the loss weight (0 weighs every token "
+         f"alike, the paper uses 1)")
 if parallel not in ("ddp", "fsdp"):
     fail(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
 for key in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps",
@@ -194,15 +225,26 @@ if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the number of "
          f"processes ({world_size}): each takes an equal share of the micro-batches of a step")
 micro_steps = gradient_accumulation_steps // world_size  # this process's share of each optimizer step
+local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # processes on this machine
+if distributed and device_type == "cuda" and local_world_size > torch.cuda.device_count():
+    fail(f"{local_world_size} processes on this machine, but it has {torch.cuda.device_count()} GPUs and each process "
+         f"takes one; start torchrun with --nproc_per_node={torch.cuda.device_count()}, or train on the CPU with "
+         f"--device=cpu", local=True)
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+if dtype not in ("float32", "bfloat16", "float16"):
+    fail(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+if dtype == "float16" and device_type == "cpu":
+    fail("float16 on the CPU is emulated: a step of the default model takes about 20x as long as in float32 "
+         "(1.55 s against 77 ms, one core of an AMD EPYC); use --dtype=float32, or bfloat16 on a CPU that has "
+         "bfloat16 instructions (AMX, AVX512-BF16)")
+cpu_group = None  # the default group, or beside NCCL a gloo one: it agrees on Ctrl-C without waiting on a GPU
 if distributed:
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
-if dtype not in ("float32", "bfloat16", "float16"):
-    fail(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    cpu_group = dist.new_group(backend="gloo") if device_type == "cuda" else None
 ptdtype = getattr(torch, dtype)
 # autocast runs the matmuls in bf16/fp16 and keeps the weights and the loss math (mile.py) in float32
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -211,8 +253,6 @@ torch.manual_seed(seed)  # the same initial weights in every process
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-if master:
-    os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
 # data: uint16 token ids in data/<dataset>/: train.bin and val.bin, or shards train_*.bin and
@@ -220,24 +260,40 @@ if master:
 data_dir = dataset_dir(dataset)
 meta_path = os.path.join(data_dir, "meta.pkl")
 AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough to prepare on the fly
-if local_rank == 0 and not os.path.exists(meta_path):  # one process per machine, for nodes without shared files
-    prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset, "prepare.py")
-    if not os.path.exists(prepare):
-        fail(f"no dataset {dataset!r}: {data_dir} has no meta.pkl; give a folder in data/ or a path that holds "
-             f"meta.pkl and the .bin files")
-    if dataset not in AUTO_PREPARE:
-        fail(f"dataset {dataset!r} is not prepared ({data_dir} has no meta.pkl): run python "
-             f"{os.path.relpath(prepare)} first (see its docstring)")
-    print(f"dataset {dataset} is not prepared yet: running data/{dataset}/prepare.py")
-    if subprocess.run([sys.executable, prepare]).returncode != 0 or not os.path.exists(meta_path):
-        fail(f"data/{dataset}/prepare.py failed; see its message above, fix that, and run again")
+if local_rank == 0:  # one process per machine prepares and checks the data: nodes need not share files
+    if not os.path.exists(meta_path):
+        prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset, "prepare.py")
+        if not os.path.exists(prepare):
+            fail(f"no dataset {dataset!r}: {data_dir} has no meta.pkl; give a folder in data/ or a path that holds "
+                 f"meta.pkl and the .bin files", local=True)
+        if dataset not in AUTO_PREPARE:
+            fail(f"dataset {dataset!r} is not prepared ({data_dir} has no meta.pkl): run python "
+                 f"{os.path.relpath(prepare)} first (see its docstring)", local=True)
+        print(f"dataset {dataset} is not prepared yet: running data/{dataset}/prepare.py")
+        if subprocess.run([sys.executable, prepare]).returncode != 0 or not os.path.exists(meta_path):
+            fail(f"data/{dataset}/prepare.py failed; see its message above, fix that, and run again", local=True)
+    try:
+        read_meta(meta_path)  # plain data only: a meta.pkl cannot run code
+    except ValueError as e:
+        fail(str(e), local=True)
+    longest = {}  # tokens in the longest file of each split: a window never crosses files
+    for split in ("train", "val"):
+        for path in split_files(data_dir, split):
+            if os.path.getsize(path) % 2:
+                fail(f"{path} has {os.path.getsize(path)} bytes, not a whole number of 2-byte token ids, so it is "
+                     f"truncated or no token file; prepare the dataset again", local=True)
+        longest[split] = max((os.path.getsize(path) // 2 for path in split_files(data_dir, split)), default=0)
+        if longest[split] < 2:
+            fail(f"{data_dir} has no {split} split (no file of 2 or more tokens); prepare the dataset again",
+                 local=True)
+    split = min(longest, key=longest.get)
+    if block_size >= longest[split]:
+        fail(f"block_size {block_size} is too long for {data_dir}: a window of block_size + 1 tokens must fit in a "
+             f"file of each split, and the longest {split} file holds {longest[split]}; use --block_size="
+             f"{longest[split] - 1} or less", local=True)
 if distributed:
-    dist.barrier()  # the others wait while the first process prepares the data
-with open(meta_path, "rb") as f:
-    meta = pickle.load(f)
-for split in ("train", "val"):
-    if sum(max(os.path.getsize(path) // 2 - block_size, 0) for path in split_files(data_dir, split)) == 0:
-        fail(f"{data_dir} has no {split} split of more than block_size + 1 tokens; prepare the dataset again")
+    barrier()  # the others wait for that; if it failed, they stop too
+meta = read_meta(meta_path)
 # the frequency bucket of every token id (high / medium / low, from the training split's counts)
 bucket_of = torch.from_numpy(frequency_buckets(train_token_counts(data_dir, meta))).to(device)
 
@@ -253,6 +309,39 @@ def get_batch(split, step, micro_step):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
+
+# -----------------------------------------------------------------------------
+# out_dir: made only now that the settings and the data have passed their checks, and held by one run
+# at a time through an advisory lock on out_dir/.lock, which the OS drops when the process ends, however
+# it ends
+def command_line():
+    """The command that started this run, as a list: python's, or under torchrun torchrun's (the parent)."""
+    parent = f"/proc/{os.getppid()}/cmdline"
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.path.exists(parent):
+        with open(parent) as f:
+            return f.read().split("\0")[:-1]
+    return sys.orig_argv
+
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a+")  # open, so locked, until the process ends
+    if fcntl:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            fail(f"{out_dir} is in use by another run ({lock.read().strip() or 'just starting'}); wait for it to end "
+                 f"or stop it, or train into another --out_dir")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+               f"{shlex.join(command_line())}\n")
+    lock.flush()
+    if init_from != "resume" and os.path.exists(ckpt_path) and not overwrite:
+        fail(f"{out_dir} already holds a checkpoint of an earlier run; continue it with --init_from=resume, train into "
+             f"another --out_dir, or start afresh over it with --overwrite=True")
+if distributed:
+    barrier()  # the others wait; if the first process stopped here, they stop too
 
 # -----------------------------------------------------------------------------
 # model and optimizer
@@ -377,22 +466,61 @@ def save_checkpoint():
             os.close(fd)
 
 
+def mean_over_processes(x):
+    """A per-process scalar tensor's mean over all processes, as a float (waits for the device)."""
+    if distributed:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world_size
+    return x.item()
+
+
 def log(record):
     """One JSON object per line in out_dir/log.jsonl."""
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
+# Ctrl-C: the first asks to save after the step under way and stop, the second stops at once. The flag
+# is read between steps, so a checkpoint always holds a completed step.
+stop = False
+
+
+def on_ctrl_c(signum, frame):
+    global stop
+    if stop:
+        os.write(2, b"\ninterrupted again: stopping at once; the last checkpoint is kept as it was\n")
+        os._exit(130)
+    stop = True
+    if master:
+        os.write(2, b"\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)\n")
+
+
+def interrupted():
+    """Whether Ctrl-C reached this process or, under torchrun, any process: all must stop after the same
+    step. One process just reads its flag; several agree through a tiny all-reduce on the CPU each step."""
+    if not distributed:
+        return stop
+    flag = torch.tensor(int(stop))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)
+    return bool(flag)
+
+
 # -----------------------------------------------------------------------------
 # training loop: every process trains and evaluates (on the same evaluation batches); the first
 # process alone prints, logs and writes the checkpoint
 if master:
+    if init_from != "resume":  # a new run: a new log, and no checkpoint of an earlier one (--overwrite)
+        for name in ("ckpt.pt", "log.jsonl"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-first_iter = iter_num  # a resumed run does not save again the state it started from
+first_iter = last_saved = iter_num  # a resumed run does not save again the state it started from
 progress = tqdm(total=max_iters, initial=iter_num, unit="it", dynamic_ncols=True, disable=None if master else True)
 t_start = t_last = time.time()
-iters_since_log, val_ce = 0, float("nan")
+iters_since_log, val_ce, stopping = 0, float("nan"), False
+signal.signal(signal.SIGINT, on_ctrl_c)
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
@@ -419,8 +547,12 @@ while True:
             break
         if iter_num > first_iter:
             save_checkpoint()
+            last_saved = iter_num
         t_last += time.time() - t_eval  # evaluation and saving do not count against tokens/s
     if iter_num >= max_iters:
+        break
+    if interrupted():
+        stopping = True
         break
 
     # one optimizer step over gradient_accumulation_steps micro-batches, micro_steps in each process
@@ -447,24 +579,38 @@ while True:
     progress.update(1)
 
     if iter_num % log_interval == 0:
-        if distributed:  # the mean over all the step's micro-batches, not just this process's
-            dist.all_reduce(train_loss)
-            train_loss /= world_size
-        train_loss = train_loss.item()  # waits for the GPU: only once per log interval
-        if not math.isfinite(train_loss):
-            fail(f"the training loss became {train_loss} at iteration {iter_num}; the last good checkpoint "
+        lossf = mean_over_processes(train_loss)  # over all the step's micro-batches; waits for the GPU: only here
+        if not math.isfinite(lossf):
+            fail(f"the training loss became {lossf} at iteration {iter_num}; the last good checkpoint "
                  f"{ckpt_path} is kept: lower learning_rate (now {learning_rate}) or raise warmup_iters")
         dt = (time.time() - t_last) / iters_since_log
         tokens_per_s = tokens_per_iter / dt
         mfu = raw_model.flops_per_token() * tokens_per_s / peak if peak else None
         if master:
-            progress.write(f"iter {iter_num}: {loss} {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/it, "
+            progress.write(f"iter {iter_num}: {loss} {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/it, "
                            f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a"))
-            log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+            log({"iter": iter_num, "train_loss": lossf, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
         t_last, iters_since_log = time.time(), 0
 progress.close()
-if master and not eval_only:
-    print(f"done: {iter_num} iterations, val ce {val_ce:.4f}, {time.time() - t_start:.0f} s; checkpoint in {ckpt_path}")
+if stopping:  # Ctrl-C: save the last completed step (unless it is saved, or its loss went bad), say how to go on
+    if iter_num > last_saved:
+        lossf = mean_over_processes(train_loss)
+        if not math.isfinite(lossf):
+            fail(f"interrupted with the training loss at {lossf} (iteration {iter_num}), so nothing saved; the "
+                 f"last good checkpoint {ckpt_path} is kept: lower learning_rate (now {learning_rate}) or raise "
+                 f"warmup_iters")
+        save_checkpoint()
+    resume = [arg for arg in command_line() if not arg.startswith(("--init_from=", "--overwrite="))]
+    if master and (iter_num > first_iter or init_from == "resume"):
+        print(f"interrupted at iteration {iter_num}: checkpoint in {ckpt_path}; resume with: "
+              f"{shlex.join(resume + ['--init_from=resume'])}")
+    elif master:
+        print("interrupted before the first step: nothing to save")
+elif master and not eval_only:
+    saved = f"checkpoint in {ckpt_path}" if iter_num > first_iter else "no step taken, so no checkpoint written"
+    print(f"done: {iter_num} iterations, val ce {val_ce:.4f}, {time.time() - t_start:.0f} s; {saved}")
 if distributed:
     dist.barrier()  # leave together: tearing down gloo while a peer is still saving can abort it
     dist.destroy_process_group()
+if stopping:
+    sys.exit(130)

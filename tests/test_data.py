@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -18,9 +17,8 @@ import common  # noqa: E402
 def test_shakespeare_char_prepare():
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py")], check=True,
                    capture_output=True)
-    d = common.dataset_dir("shakespeare_char")  # in the tests' temporary data folder (conftest.py)
-    with open(os.path.join(d, "meta.pkl"), "rb") as f:
-        meta = pickle.load(f)
+    d = common.dataset_dir("shakespeare_char")  # the tests' temporary data folder (conftest.py)
+    meta = common.read_meta(os.path.join(d, "meta.pkl"))  # plain data, as train.py reads it
     train = np.fromfile(os.path.join(d, "train.bin"), dtype=np.uint16)
     val = np.fromfile(os.path.join(d, "val.bin"), dtype=np.uint16)
     text = common.shakespeare_text()
@@ -59,8 +57,7 @@ def test_shakespeare_bpe_prepare():
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare", "prepare.py")], check=True,
                    capture_output=True)
     d = common.dataset_dir("shakespeare")
-    with open(os.path.join(d, "meta.pkl"), "rb") as f:
-        meta = pickle.load(f)
+    meta = common.read_meta(os.path.join(d, "meta.pkl"))  # plain data, as train.py reads it
     assert meta == {"vocab_size": 50257, "tokenizer": "gpt2"}
     train = np.fromfile(os.path.join(d, "train.bin"), dtype=np.uint16)
     val = np.fromfile(os.path.join(d, "val.bin"), dtype=np.uint16)

@@ -104,6 +104,8 @@ def test_config_file_and_override(tmp_path):
     (["--n_embd=33"], ["n_embd (33) must be a multiple of n_head (2)"]),
     (["--device=cuda:7"], ["no such CUDA GPU"]),
     (["--device=tpu"], ["device must be auto, cpu, mps, cuda or cuda:N"]),
+    (["--dtype=float16", "--device=cpu"], ["float16 on the CPU", "about 20x as long", "use --dtype=float32"]),
+    (["--gamma=-1"], ["gamma must not be negative"]),
 ])
 def test_bad_input_gets_one_sentence(tmp_path, args, needles):
     assert_one_sentence_error(train(tmp_path, *args, check=False), *needles)

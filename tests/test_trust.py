@@ -1,0 +1,401 @@
+"""What a user must be able to trust (issue 12): a dataset's meta.pkl cannot run code, one run per
+out_dir, a scratch run does not destroy a checkpoint, Ctrl-C saves and resumes exactly, a failing
+command leaves nothing behind, and under torchrun an error in any process reaches the user."""
+
+import json
+import os
+import pickle
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from test_train import TINY, assert_one_sentence_error, read_log, run, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data.common import read_meta  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread: the same float sums every run
+
+
+class Evil:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def make_dataset(path, meta=None, tokens=2000):
+    """A tiny character dataset in path: train.bin, val.bin (uint16 ids below 10) and meta.pkl."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(10, size=tokens).astype(np.uint16).tofile(os.path.join(path, f"{split}.bin"))
+    meta = {"vocab_size": 10, "stoi": {c: i for i, c in enumerate("abcdefghij")},
+            "itos": {i: c for i, c in enumerate("abcdefghij")}} if meta is None else meta
+    with open(os.path.join(path, "meta.pkl"), "wb") as f:
+        f.write(meta if isinstance(meta, bytes) else pickle.dumps(meta))
+    return str(path)
+
+
+def train_env(out_dir, *args):
+    """train.py to the end, in the environment of the interrupted runs."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def start(out_dir, *args):
+    """train.py in the background, in its own session (signals go to it alone)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+
+
+def wait_for(condition, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended early:\n" + "".join(proc.communicate())
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def logged_iters(out_dir):
+    """The training iterations logged so far (a line still being written is skipped)."""
+    try:
+        lines = open(os.path.join(out_dir, "log.jsonl")).read().splitlines()
+    except FileNotFoundError:
+        return []
+    iters = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "val_loss" not in record:
+            iters.append(record["iter"])
+    return iters
+
+
+def step_losses(out_dir):
+    return {r["iter"]: r["train_loss"] for r in read_log(out_dir) if "val_loss" not in r}
+
+
+def ckpt_iter(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"]
+
+
+# -----------------------------------------------------------------------------
+# 1. a dataset's meta.pkl is data, never code
+
+
+def test_read_meta_accepts_plain_metas_only(tmp_path):
+    char = {"vocab_size": 3, "stoi": {"a": 0, "b": 1, "\n": 2}, "itos": {0: "a", 1: "b", 2: "\n"}}
+    bpe = {"vocab_size": 50257, "tokenizer": "gpt2", "train_counts": [0, 5, 7], "x": (1.5, None, True)}
+    for meta in (char, bpe):
+        for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):  # nanoGPT's prepare scripts write the default
+            (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta, protocol=protocol))
+            assert read_meta(str(tmp_path / "meta.pkl")) == meta
+    marker = tmp_path / "marker"
+    bad = [pickle.dumps({"vocab_size": 3, "x": Evil(marker)}),  # code
+           pickle.dumps({"vocab_size": np.int64(3)}),  # a numpy scalar: a class to import, refused too
+           pickle.dumps({"vocab_size": 3, "x": {1, 2}}, protocol=2),  # a set, through builtins.set
+           pickle.dumps([1, 2, 3]), pickle.dumps({"stoi": {}}), pickle.dumps({"vocab_size": -1})]
+    for data in bad:
+        (tmp_path / "meta.pkl").write_bytes(data)
+        with pytest.raises(ValueError, match="not a plain dataset meta.*prepare the dataset again"):
+            read_meta(str(tmp_path / "meta.pkl"))
+    for data in (pickle.dumps(char)[:-7], b"", b"garbage, not a pickle"):
+        (tmp_path / "meta.pkl").write_bytes(data)
+        with pytest.raises(ValueError, match="not a readable dataset meta.*prepare the dataset again"):
+            read_meta(str(tmp_path / "meta.pkl"))
+    assert not marker.exists()
+
+
+def test_malicious_meta_runs_nothing(tmp_path):
+    marker = tmp_path / "marker"
+    data = make_dataset(tmp_path / "evil", pickle.dumps({"vocab_size": 10, "x": Evil(marker)}))
+    with open(os.path.join(data, "meta.pkl"), "rb") as f:  # the file is armed: pickle.load runs it
+        pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+    proc = train(tmp_path / "out", f"--dataset={data}", "--max_iters=2", check=False)
+    assert_one_sentence_error(proc, "not a plain dataset meta", "prepare the dataset again")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_sample_fallback_meta_runs_nothing(tmp_path):
+    """sample.py reads the dataset's meta.pkl for a checkpoint that carries none (an older one)."""
+    good = make_dataset(tmp_path / "good")
+    out = tmp_path / "out"
+    train(out, f"--dataset={good}", "--max_iters=2", "--eval_interval=2")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["meta"]
+    torch.save(ckpt, out / "ckpt.pt")
+    proc = run("sample.py", f"--out_dir={out}", "--start=abc", "--num_samples=1", "--max_new_tokens=5")
+    assert proc.stdout.startswith("abc")  # the fallback works on a plain meta
+    marker = tmp_path / "marker"
+    (tmp_path / "good" / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 10, "x": Evil(marker)}))
+    proc = run("sample.py", f"--out_dir={out}", "--start=abc", check=False)
+    assert_one_sentence_error(proc, "not a plain dataset meta")
+    assert not marker.exists()
+
+
+# -----------------------------------------------------------------------------
+# 2. one run per out_dir; 3. a scratch run does not destroy a checkpoint
+
+
+def test_second_run_on_the_same_out_dir_stops(tmp_path):
+    out = tmp_path / "out"
+    first = start(out, "--max_iters=100000", "--eval_interval=100000")
+    try:
+        wait_for(lambda: len(logged_iters(out)) >= 2, first)
+        lock = (out / ".lock").read_text()
+        assert f"pid {first.pid} on {socket.gethostname()}" in lock and "train.py" in lock
+        config, log = (out / "config.json").read_bytes(), (out / "log.jsonl").read_bytes()
+        second = train(out, "--loss=ce", "--max_iters=2", check=False)
+        assert_one_sentence_error(second, "is in use by another run", f"pid {first.pid}", "another --out_dir")
+        assert (out / ".lock").read_text() == lock and (out / "config.json").read_bytes() == config
+        assert (out / "log.jsonl").read_bytes().startswith(log)  # only the first run appends to it
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.communicate()
+    train(out, "--max_iters=2", "--eval_interval=2")  # the lock died with its process: no stale lock
+
+
+def test_scratch_run_does_not_destroy_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    train(out, "--max_iters=4", "--eval_interval=4")
+    ckpt, log = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_bytes()
+    proc = train(out, "--max_iters=2", check=False)
+    assert_one_sentence_error(proc, "already holds a checkpoint", "--init_from=resume", "--out_dir",
+                              "--overwrite=True")
+    assert (out / "ckpt.pt").read_bytes() == ckpt and (out / "log.jsonl").read_bytes() == log
+    train(out, "--max_iters=2", "--eval_interval=2", "--overwrite=True")
+    assert [r["iter"] for r in read_log(out)] == [0, 2, 2]  # a fresh log: the old run's records are gone
+    assert ckpt_iter(out) == 2
+
+
+# -----------------------------------------------------------------------------
+# 5. say only what happened; a failing command leaves no out_dir behind
+
+
+def test_max_iters_zero_writes_and_claims_no_checkpoint(tmp_path):
+    proc = train(tmp_path / "out", "--max_iters=0")
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    assert "checkpoint in" not in proc.stdout and "no checkpoint written" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--dataset=nonexistent"], ["--block_size=1000000"], ["--init_from=resume"]])
+def test_failing_command_leaves_no_out_dir(tmp_path, args):
+    proc = train(tmp_path / "new", *args, check=False)
+    assert proc.returncode == 1 and not (tmp_path / "new").exists()
+
+
+# -----------------------------------------------------------------------------
+# 6. bad input: one sentence each
+
+
+def test_bad_dataset_files(tmp_path):
+    data = make_dataset(tmp_path / "d", tokens=2000)
+    with open(os.path.join(data, "val.bin"), "ab") as f:
+        f.write(b"\x01")  # half a token
+    proc = train(tmp_path / "out", f"--dataset={data}", check=False)
+    assert_one_sentence_error(proc, "val.bin has 4001 bytes, not a whole number of 2-byte token ids")
+    data = make_dataset(tmp_path / "m", b"\x80\x04\x95 truncated", tokens=2000)
+    assert_one_sentence_error(train(tmp_path / "out", f"--dataset={data}", check=False),
+                              "not a readable dataset meta", "prepare the dataset again")
+    assert not (tmp_path / "out").exists()
+
+
+def test_block_size_too_long_names_the_longest_that_fits(tmp_path):
+    data = make_dataset(tmp_path / "d", tokens=300)
+    proc = train(tmp_path / "out", f"--dataset={data}", "--block_size=500", check=False)
+    assert_one_sentence_error(proc, "block_size 500 is too long", "use --block_size=299 or less")
+    train(tmp_path / "out", f"--dataset={data}", "--block_size=299", "--max_iters=1")  # the advice works
+    proc = train(tmp_path / "out2", f"--dataset={data}", "--block_size=300", check=False)
+    assert_one_sentence_error(proc, "use --block_size=299 or less")
+
+
+def test_missing_checkpoint_message_fits_each_command(tmp_path):
+    proc = run("evaluate.py", str(tmp_path / "none"), check=False)
+    assert_one_sentence_error(proc, "no checkpoint at", "python evaluate.py DIR")
+    assert "--out_dir" not in proc.stderr  # evaluate.py has no such flag
+    for script in ("train.py", "sample.py"):
+        args = ["--init_from=resume"] if script == "train.py" else []
+        proc = run(script, f"--out_dir={tmp_path / 'none'}", *args, check=False)
+        assert_one_sentence_error(proc, "no checkpoint at", "point --out_dir at the directory")
+
+
+# -----------------------------------------------------------------------------
+# 4. Ctrl-C saves the last completed step and says how to resume; the resumed run is exact
+
+
+def interrupt(out, args, at):
+    """Start a run, Ctrl-C it once `at` training iterations are logged; (stdout, stderr) after it exits 130."""
+    proc = start(out, *args)
+    wait_for(lambda: len(logged_iters(out)) >= at, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    return stdout, stderr
+
+
+def resume_command(stdout):
+    line = next(line for line in stdout.splitlines() if line.startswith("interrupted at iteration"))
+    return shlex.split(line.split("resume with: ")[1])
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
+    args = ["--max_iters=50", "--eval_interval=1000", "--log_interval=1", "--dropout=0.1"]  # dropout: RNG matters
+    train_env(tmp_path / "straight", *args)
+    straight = step_losses(tmp_path / "straight")
+    out = tmp_path / "stopped"
+    stdout, stderr = interrupt(out, args, at=15)
+    stopped_at = ckpt_iter(out)  # eval_interval is past the end: this checkpoint is the interrupt's own
+    assert 15 <= stopped_at < 50 and max(logged_iters(out)) == stopped_at
+    assert f"interrupted at iteration {stopped_at}: checkpoint in {out / 'ckpt.pt'}; resume with: " in stdout
+    cmd = resume_command(stdout)
+    assert cmd[-1] == "--init_from=resume" and f"--out_dir={out}" in cmd
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)  # as printed
+    assert proc.returncode == 0, proc.stderr
+    resumed = step_losses(out)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 51))
+    for it in straight:  # bit-exact: the same batches, weights, optimizer and dropout state
+        assert resumed[it] == straight[it], it
+
+
+def test_ctrl_c_during_startup_and_first_evaluation(tmp_path):
+    out = tmp_path / "out"
+    proc = start(out, "--max_iters=100")  # at once: while it imports and checks
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "nothing to save" in stdout + stderr and not (out / "ckpt.pt").exists()
+    # during the evaluation at iteration 0 (long: 300 batches a split): it ends, then the run stops
+    proc = start(out, "--max_iters=100", "--eval_iters=300")
+    wait_for(lambda: "parameters" in proc.stdout.readline(), proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted before the first step: nothing to save" in stdout
+    assert not (out / "ckpt.pt").exists() and [r["iter"] for r in read_log(out)] == [0]
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    out = tmp_path / "out"
+    proc = start(out, "--max_iters=100", "--eval_interval=5", "--eval_iters=300", "--log_interval=1")
+    wait_for(lambda: 5 in logged_iters(out), proc)  # step 5 is done: the evaluation before its save begins
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # two signals at once would count as one
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "stopping at once" in stderr and not (out / "ckpt.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# 7. under torchrun: every process stops at the same step, and an error in any process is told
+
+
+def torchrun(out, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, "--gradient_accumulation_steps=2", *args]
+
+
+def rank_pid(parent, rank):
+    """The pid of the train.py process with this RANK among parent's children (Linux /proc)."""
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == parent:
+                if f"RANK={rank}".encode() in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def test_ctrl_c_in_one_process_stops_all_at_the_same_step(tmp_path):
+    args = ["--loss=mile", "--max_iters=30", "--eval_interval=1000", "--log_interval=1"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(torchrun(out, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV, start_new_session=True)
+    wait_for(lambda: len(logged_iters(out)) >= 5, proc)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGINT)  # the second process only: the first must learn of it
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    stopped_at = ckpt_iter(out)
+    assert 5 <= stopped_at < 30 and max(logged_iters(out)) == stopped_at
+    cmd = resume_command(stdout)
+    assert "torch.distributed.run" in cmd and "--nproc_per_node=2" in cmd and cmd[-1] == "--init_from=resume"
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    subprocess.run(torchrun(tmp_path / "straight", *args), cwd=ROOT, capture_output=True, env=ENV, check=True,
+                   timeout=600)
+    straight, resumed = step_losses(tmp_path / "straight"), step_losses(out)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 31))
+    for it in straight:
+        assert resumed[it] == straight[it], it
+
+
+def two_machines(tmp_path, *args):
+    """train.py as 2 processes on 2 "machines" that do not share their files: each its own working
+    directory (the dataset is a relative path), LOCAL_RANK 0 in both, as on two nodes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *args],
+                                      cwd=tmp_path / f"node{rank}", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))
+    return [(p, *p.communicate(timeout=300)) for p in procs]
+
+
+@pytest.mark.parametrize("broken", ["missing", "malformed"])
+def test_an_error_in_the_second_process_reaches_the_user(tmp_path, broken):
+    make_dataset(tmp_path / "node0" / "d", tokens=5000)
+    if broken == "missing":
+        os.makedirs(tmp_path / "node1")
+    else:
+        make_dataset(tmp_path / "node1" / "d", b"\x80\x04 a truncated pickle", tokens=5000)
+    out = tmp_path / "out"
+    results = two_machines(tmp_path, "--dataset=./d", f"--out_dir={out}", "--gradient_accumulation_steps=2",
+                           "--max_iters=2")
+    assert all(p.returncode == 1 for p, _, _ in results), results
+    stderr = "".join(err for _, _, err in results)
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: process 1 on {socket.gethostname()}: "), stderr
+    assert ("no dataset" if broken == "missing" else "not a readable dataset meta") in errors[0]
+    assert not out.exists()  # nothing started
+
+
+def test_lock_refusal_under_torchrun_is_said_once(tmp_path):
+    out = tmp_path / "out"
+    holder = start(out, "--max_iters=100000", "--eval_interval=100000")
+    try:
+        wait_for(lambda: len(logged_iters(out)) >= 1, holder)
+        proc = subprocess.run(torchrun(out, "--max_iters=2"), cwd=ROOT, capture_output=True, text=True, env=ENV,
+                              timeout=300)
+        assert proc.returncode != 0
+        assert proc.stderr.count("error: ") == 1 and f"in use by another run (pid {holder.pid}" in proc.stderr
+    finally:
+        holder.kill()
+        holder.communicate()
