@@ -34,8 +34,6 @@ signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"\ninterrupted before trai
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -382,6 +380,11 @@ if distributed and parallel == "fsdp":
     fully_shard(model)
     register_fsdp_forward_method(model, "token_stats")  # evaluation calls it: gather parameters for it too
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# (imported here, not at the top: it takes most of a second, which a command stopped by a bad setting
+# above should not wait for)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 # full (unsharded) state dicts keyed by parameter name: a checkpoint saved by N processes, DDP or
 # FSDP, loads in M processes or in one (sample.py)
 full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)

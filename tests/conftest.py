@@ -13,6 +13,9 @@ import pytest
 # the tests never write into the working tree. Set before any test imports data.common, and inherited
 # by every train.py, sample.py and prepare script the tests start.
 os.environ["NANOMILE_DATA"] = tempfile.mkdtemp(prefix="nanomile-data-")
+# one thread per process: the tests run in two workers (pytest -n 2) on small models, and more threads
+# than cores only spin
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_unconfigure(config):
