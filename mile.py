@@ -22,7 +22,7 @@ playing ___": football, chess, ...) the target's probability is low however good
 so Focal keeps pushing it up; the entropy is high there too, but it measures how spread the
 whole prediction is, not how much it missed this one target.
 
-Conventions of this project (see ../shared/MILE_SPEC.md and the README):
+Conventions of this project (see the README):
 - softmax, entropy and CE are computed in float32 whatever the dtype of the logits;
 - positions whose target is ignore_index are left out of both means (alpha and L);
 - under torch.distributed each rank computes its alpha, then alpha is all-reduced (sum) and
@@ -30,6 +30,7 @@ Conventions of this project (see ../shared/MILE_SPEC.md and the README):
   authors' code does.
 """
 
+import math
 import warnings
 
 import torch
@@ -37,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 LOSSES = ("ce", "focal", "mile")
-DEFAULT_CHUNK_SIZE = 512  # rows of logits per chunk in chunked_loss: chosen with bench.py, see the README
+EPS = 1e-8  # the authors' clamp of the probabilities in the entropy
 
 # -----------------------------------------------------------------------------
 # the readable losses: the reference every faster path is tested against
@@ -45,8 +46,15 @@ DEFAULT_CHUNK_SIZE = 512  # rows of logits per chunk in chunked_loss: chosen wit
 
 def token_entropy(logits):
     """H_i = -sum_v q_iv log q_iv with q_i = clamp(softmax(z_i), 1e-8, 1), detached, float32."""
-    q = F.softmax(logits.detach().float(), dim=-1).clamp_(min=1e-8, max=1.0)  # q_i (in place: one copy less)
-    return torch.special.entr(q).sum(dim=-1)  # H_i; entr(q) = -q log q
+    log_p = F.log_softmax(logits.detach(), dim=-1, dtype=torch.float32)  # log p_iv = z_iv - logsumexp_v z_iv
+    return clamped_entropy(log_p.exp(), log_p)  # H_i
+
+
+def clamped_entropy(p, log_p):
+    """H_i = -sum_v q_iv log q_iv, q_i = clamp(p_i, 1e-8, 1), from p_i and log p_i: where p_iv >= 1e-8,
+    q_iv = p_iv and the term is p_iv log p_iv; below, q_iv = 1e-8. Over log p, not a clamped softmax, so
+    that torch.compile fuses it into the reductions of the log-sum-exp (no (N, V) tensor kept, no log)."""
+    return -torch.where(p >= EPS, p * log_p, EPS * math.log(EPS)).sum(dim=-1)
 
 
 def mile_weights(entropy, gamma=1.0, sigma=1.0):
@@ -60,9 +68,15 @@ def focal_weights(ce, gamma=1.0):
     return (1.0 - pt) ** gamma
 
 
-def normalizer(weights):
-    """alpha = 1 / mean_i(w_i); under torch.distributed, the mean over ranks of each rank's alpha."""
-    return mean_over_ranks(1.0 / weights.mean())
+def masked_mean(x, keep):
+    """mean_i(x_i) over the positions that count (keep). A masked sum rather than x[keep], whose
+    data-dependent shape would break torch.compile's graph (and keep (N, V) tensors alive between graphs)."""
+    return torch.where(keep, x, 0.0).sum() / keep.sum()
+
+
+def normalizer(weights, keep=None):
+    """alpha = 1 / mean_i(w_i) (over keep); under torch.distributed, the mean over ranks of each rank's alpha."""
+    return mean_over_ranks(1.0 / (weights.mean() if keep is None else masked_mean(weights, keep)))
 
 
 def mean_over_ranks(alpha):
@@ -89,21 +103,21 @@ def cross_entropy_loss(logits, targets, ignore_index=-1):
 def mile_loss(logits, targets, gamma=1.0, sigma=1.0, ignore_index=-1):
     """MiLe: mean_i(alpha * w_i * CE_i) with w_i = (sigma + H_i) ** gamma, alpha = 1 / mean(w)."""
     logits, targets = _flatten(logits, targets)
-    keep = targets != ignore_index  # the positions that count
-    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)[keep]  # CE_i
-    w = mile_weights(token_entropy(logits), gamma, sigma)[keep]  # w_i, no gradient
-    alpha = normalizer(w)  # alpha, no gradient
-    return (alpha * w * ce).mean()  # L
+    keep = targets != ignore_index  # the positions that count: both means run over these
+    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)  # CE_i
+    w = mile_weights(token_entropy(logits), gamma, sigma)  # w_i, no gradient
+    alpha = normalizer(w, keep)  # alpha, no gradient
+    return masked_mean(alpha * w * ce, keep)  # L
 
 
 def focal_loss(logits, targets, gamma=1.0, ignore_index=-1):
     """Focal: mean_i(alpha * w_i * CE_i) with w_i = (1 - exp(-CE_i)) ** gamma, alpha = 1 / mean(w)."""
     logits, targets = _flatten(logits, targets)
-    keep = targets != ignore_index  # the positions that count
-    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)[keep]  # CE_i
+    keep = targets != ignore_index  # the positions that count: both means run over these
+    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)  # CE_i
     w = focal_weights(ce, gamma)  # w_i, no gradient
-    alpha = normalizer(w)  # alpha, no gradient
-    return (alpha * w * ce).mean()  # L
+    alpha = normalizer(w, keep)  # alpha, no gradient
+    return masked_mean(alpha * w * ce, keep)  # L
 
 
 def build_loss(name, gamma=1.0, sigma=1.0, ignore_index=-1):
@@ -118,51 +132,87 @@ def build_loss(name, gamma=1.0, sigma=1.0, ignore_index=-1):
 
 
 # -----------------------------------------------------------------------------
-# the fast path: output layer plus loss in chunks, never materialising the (N, V) logits
-#
-# At GPT-2's vocabulary a micro-batch of 12 x 1024 tokens has 618M logits, 2.5 GB in float32, and the
-# readable losses above keep several such tensors alive (logits, softmax, log-softmax, their gradient).
-# Here the tokens are walked in chunks. Per chunk: the logits, the float32 softmax, the detached
-# weights, the CE, and at once the gradient with respect to the chunk's logits, which goes straight
-# into the gradients of the hidden states and of the output weight; then the chunk is dropped. This
-# is exact because w and alpha carry no gradient: dL/dz_i = alpha * w_i * (p_i - onehot(y_i)) / n,
-# so the sums can run with w_i alone and alpha / n, one scalar known after the last chunk (and after
-# its all-reduce), scales everything at the end. Backward only multiplies by grad_output.
+# the fast paths. Two ways to compute the training loss of hidden states (N, d) and an output layer (V, d):
+# "full", the logits made whole and the readable loss above, which torch.compile fuses into a few kernels
+# (the fastest on a GPU, when the (N, V) logits fit), or "chunked", chunked_loss below, which never holds
+# more than one chunk of logits (the memory-lean path; on a CPU also the faster one). docs/chunked.md
+# has the measurements behind the choice.
 
-def chunk_loss_terms(logits, targets, loss, gamma, sigma, ignore_index):
-    """One chunk of rows: (sum_i w_i CE_i, sum_i w_i, sum_i CE_i, w_i (p_i - onehot(y_i))) over the
-    kept rows, the gradient in the dtype of the logits. Written as reductions and one elementwise
-    expression, so that torch.compile makes a few fused kernels that keep p_i in registers."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # log sum_v exp z_iv
-    p = torch.exp(z - lse)  # p_i
+DEFAULT_CHUNK_SIZE = 512  # rows of logits per chunk on a CPU: the fastest there, with bench.py
+CHUNK_LOGITS = 2 ** 27  # logits per chunk on a GPU, at most: 512 MiB of bf16 logits and their gradient
+FULL_BYTES_PER_LOGIT = 16  # what the full path may hold per logit: float32 logits, softmax, gradient, one more
+
+
+def default_chunk_size(vocab, device_type):
+    """Rows per chunk when none is given: 512 on a CPU; on a GPU the largest power of two with at most
+    CHUNK_LOGITS logits (2048 rows at V = 50304, 4096 at V = 32000): few, large kernels, and a size that
+    divides the usual batch x context, so one compiled graph serves every chunk."""
+    if device_type != "cuda":
+        return DEFAULT_CHUNK_SIZE
+    return max(256, 2 ** ((CHUNK_LOGITS // vocab).bit_length() - 1))
+
+
+def choose_loss_path(n_rows, vocab, device, chunked="auto", chunk_size=0, budget_bytes=None):
+    """How to compute the loss of n_rows x vocab logits on device: ("full", chunk_size) or ("chunked",
+    chunk_size). chunked: True, False or "auto" (in any case). "auto" is the fastest path that fits: on a
+    GPU, full when the logits at FULL_BYTES_PER_LOGIT fit in budget_bytes (default: a quarter of the GPU's
+    memory), chunked otherwise; on a CPU, chunked. chunk_size 0: default_chunk_size for the device."""
+    device = torch.device(device)
+    mode = str(chunked).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"chunked must be auto, True or False, not {chunked!r}")
+    chunk_size = chunk_size or default_chunk_size(vocab, device.type)
+    if mode == "auto" and device.type == "cuda":
+        if budget_bytes is None:
+            budget_bytes = torch.cuda.get_device_properties(device).total_memory // 4
+        mode = "true" if n_rows * vocab * FULL_BYTES_PER_LOGIT > budget_bytes else "false"
+    return ("full" if mode == "false" else "chunked"), chunk_size
+
+
+# The chunked path: output layer plus loss in chunks, never materialising the (N, V) logits.
+# Per chunk: the logits, the float32 log-softmax, the detached weights, the CE, and at once the gradient
+# with respect to the chunk's logits, which goes straight into the gradients of the hidden states and of
+# the output weight; then the chunk is dropped. This is exact because w and alpha carry no gradient:
+# dL/dz_i = alpha * w_i * (p_i - onehot(y_i)) / n, so the sums can run with w_i alone and alpha / n, one
+# scalar known after the last chunk (and after its all-reduce), scales both gradients in backward.
+
+def chunk_loss_terms(logits, targets, loss, gamma, sigma, ignore_index, need_grad=True):
+    """One chunk of rows: the sums over its kept rows [sum_i w_i CE_i, sum_i w_i, sum_i CE_i], and with
+    need_grad w_i (p_i - onehot(y_i)) in the dtype of the logits. Reductions over each row and elementwise
+    expressions only, so that torch.compile makes a few fused kernels that keep p_i in registers."""
+    log_p = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # log p_i
+    p = log_p.exp()  # p_i
     keep = targets != ignore_index
     y = torch.where(keep, targets, 0)  # any valid index on ignored rows: they get w_i = 0 below
-    ce = lse.squeeze(1) - z.gather(1, y[:, None]).squeeze(1)  # CE_i = log sum exp z_i - z_iy
+    ce = -log_p.gather(1, y[:, None]).squeeze(1)  # CE_i
     if loss == "mile":
-        entropy = torch.special.entr(p.clamp(min=1e-8)).sum(dim=-1)  # H_i, as in token_entropy
-        w = mile_weights(entropy, gamma, sigma)
+        w = mile_weights(clamped_entropy(p, log_p), gamma, sigma)
     elif loss == "focal":
         w = focal_weights(ce, gamma)
     else:
         w = torch.ones_like(ce)
-    w = torch.where(keep, w, 0.0)
-    ce = torch.where(keep, ce, 0.0)
-    grad = p * w[:, None]  # w_i p_i ...
-    grad.scatter_add_(1, y[:, None], -w[:, None])  # ... - w_i onehot(y_i)
-    return (w * ce).sum(), w.sum(), ce.sum(), grad.to(logits.dtype)
+    w, ce = torch.where(keep, w, 0.0), torch.where(keep, ce, 0.0)
+    sums = torch.stack([(w * ce).sum(), w.sum(), ce.sum()])
+    if not need_grad:
+        return sums, None
+    # onehot(y_i) as a comparison with the column index: compiled, it is never a tensor
+    onehot = (torch.arange(logits.size(1), device=logits.device) == y[:, None]).float()
+    grad = w[:, None] * (p - onehot)  # w_i (p_i - onehot(y_i))
+    return sums, grad.to(logits.dtype)
 
 
 _compiled_terms = None  # chunk_loss_terms through torch.compile, made on first use
 
 
 def _terms_fn(compiled):
-    """The per-chunk function: compiled where torch.compile works, else (with a warning) eager."""
+    """The per-chunk function: compiled where torch.compile works, else (with a warning) eager.
+    Static shapes (dynamic=False): a shorter last chunk gets its own graph rather than turning the
+    first one into a slower dynamic-shape graph."""
     global _compiled_terms
     if not compiled or _compiled_terms is False:
         return chunk_loss_terms
     if _compiled_terms is None:
-        _compiled_terms = torch.compile(chunk_loss_terms)
+        _compiled_terms = torch.compile(chunk_loss_terms, dynamic=False)
 
     def terms(*args):
         global _compiled_terms
@@ -173,6 +223,25 @@ def _terms_fn(compiled):
             _compiled_terms = False
             return chunk_loss_terms(*args)
     return terms
+
+
+_mixed_addmm = True  # torch.addmm(..., out_dtype=float32) with bf16/fp16 inputs, on CUDA in recent PyTorch
+
+
+def _add_mm(acc, a, b):
+    """acc += a @ b, acc float32: one GEMM into acc when the dtypes allow (float32 inputs; bf16 or fp16
+    ones on CUDA through out_dtype), else through a temporary product in the inputs' dtype."""
+    global _mixed_addmm
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _mixed_addmm:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):  # an older PyTorch
+            _mixed_addmm = False
+    acc += a @ b
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -187,41 +256,40 @@ class ChunkedHeadLoss(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             W = weight.to(dtype)
             terms = _terms_fn(compiled)
-            grad_hidden = torch.empty_like(hidden) if need_grad else None
+            grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_grad else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-            wce_sum, w_sum, ce_sum = (torch.zeros((), device=hidden.device) for _ in range(3))
+            sums = []
             for start in range(0, hidden.size(0), chunk_size):
-                h = hidden[start:start + chunk_size].to(dtype)
-                wce, w, ce, grad = terms(h @ W.t(), targets[start:start + chunk_size], loss, gamma, sigma, ignore_index)
-                wce_sum += wce
-                w_sum += w
-                ce_sum += ce
+                rows = slice(start, start + chunk_size)
+                h = hidden[rows].to(dtype)
+                chunk_sums, grad = terms(h @ W.t(), targets[rows], loss, gamma, sigma, ignore_index, need_grad)
+                sums.append(chunk_sums)
                 if need_grad:
-                    grad_hidden[start:start + chunk_size] = grad @ W  # dL/dh = dL/dz W, up to alpha / n
-                    # dL/dW = sum_i dL/dz_i h_i^T, up to alpha / n; in place when the dtypes allow
-                    if h.dtype == torch.float32:
-                        grad_weight.addmm_(grad.t(), h)
-                    else:
-                        grad_weight += grad.t() @ h
+                    torch.mm(grad, W, out=grad_hidden[rows])  # dL/dh = dL/dz W, up to alpha / n
+                    _add_mm(grad_weight, grad.t(), h)  # dL/dW = sum_i dL/dz_i h_i^T, up to alpha / n
+            wce_sum, w_sum, ce_sum = torch.stack(sums).sum(dim=0)
             n = (targets != ignore_index).sum()
             # alpha = 1 / mean_i(w_i) = n / sum_i w_i, averaged over ranks like normalizer(); 1 for CE
             alpha = torch.ones((), device=hidden.device) if loss == "ce" else mean_over_ranks(n / w_sum)
             scale = alpha / n
             if need_grad:
-                ctx.save_for_backward(grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight.mul_(scale))
-                ctx.weight_dtype = weight.dtype
+                ctx.save_for_backward(grad_hidden, grad_weight, scale)
+                ctx.dtypes = hidden.dtype, weight.dtype
         ce_mean = ce_sum / n
         ctx.mark_non_differentiable(ce_mean)
         return wce_sum * scale, ce_mean
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce):
-        # scale the stored gradients in place: no second (V, d) buffer; so this backward runs once only
+        # scale the stored gradients in place where they are already in the parameter's dtype, so that
+        # no second (V, d) buffer is made; so this backward runs once only
         assert not getattr(ctx, "done", False), "chunked_loss supports one backward pass per forward"
         ctx.done = True
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        scale = scale * grad_loss
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden = grad_hidden.to(hidden_dtype).mul_(scale.to(hidden_dtype))
+        grad_weight = grad_weight.mul_(scale).to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mile import DEFAULT_CHUNK_SIZE, build_loss, chunked_loss, token_entropy
+from mile import build_loss, choose_loss_path, chunked_loss, default_chunk_size, token_entropy
 
 # torch.compile of the whole model stops at the chunked loss: its loop over chunks stays in Python
 # and its per-chunk math is compiled on its own (compile_loss)
@@ -40,8 +40,11 @@ class GPTConfig:
     loss: str = "mile"  # training objective: "ce", "focal" or "mile" (see mile.py)
     gamma: float = 1.0  # exponent of the Focal / MiLe weight
     sigma: float = 1.0  # MiLe's offset: w = (sigma + H) ** gamma
-    chunked_loss: bool = True  # output layer + loss through mile.chunked_loss: no (B, T, V) logits
-    loss_chunk_size: int = DEFAULT_CHUNK_SIZE  # rows of logits per chunk
+    # the training loss's path (mile.choose_loss_path): True, output layer + loss through mile.chunked_loss,
+    # never the (B, T, V) logits; False, the logits and the readable loss; "auto", the logits on a GPU
+    # when they fit (compiled with the model, the fastest), chunks when they do not and on a CPU
+    chunked_loss: str | bool = "auto"
+    loss_chunk_size: int = 0  # rows of logits per chunk; 0: per device (mile.default_chunk_size)
     compile_loss: bool = False  # torch.compile the per-chunk loss math (fast on GPUs)
 
 
@@ -195,7 +198,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, objective=None, cache=None):
         """idx (B, T) token ids -> (logits (B, T, V), loss) with targets, the loss being the config's
-        objective unless `objective` names another ("ce", "focal", "mile"); with chunked_loss the
+        objective unless `objective` names another ("ce", "focal", "mile"); on the chunked path the
         logits are never made and None comes back in their place. Without targets:
         (logits (B, 1, V) of the last position, None), all that generation needs; `cache` is
         generation's key/value cache (see generate)."""
@@ -204,9 +207,11 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None
         cfg = self.config
         objective = objective or cfg.loss
-        if cfg.chunked_loss:
+        path, chunk_size = choose_loss_path(targets.numel(), cfg.vocab_size, x.device, cfg.chunked_loss,
+                                            cfg.loss_chunk_size)
+        if path == "chunked":
             return None, head_chunked_loss(x, self.lm_head.weight, targets, objective, cfg.gamma, cfg.sigma,
-                                           chunk_size=cfg.loss_chunk_size, compiled=cfg.compile_loss)
+                                           chunk_size=chunk_size, compiled=cfg.compile_loss)
         logits = self.lm_head(x)
         return logits, build_loss(objective, cfg.gamma, cfg.sigma)(logits, targets)
 
@@ -217,8 +222,9 @@ class GPT(nn.Module):
         loss_chunk_size rows at a time, so memory stays small at any vocabulary."""
         x, y = self.hidden(idx).flatten(0, 1), targets.flatten()
         ce, entropy = [], []
-        for i in range(0, len(y), self.config.loss_chunk_size):
-            logits = self.lm_head(x[i:i + self.config.loss_chunk_size]).float()
+        step = self.config.loss_chunk_size or default_chunk_size(self.config.vocab_size, x.device.type)
+        for i in range(0, len(y), step):
+            logits = self.lm_head(x[i:i + step]).float()
             ce.append(F.cross_entropy(logits, y[i:i + len(logits)], reduction="none"))
             entropy.append(token_entropy(logits))
         return torch.cat(ce).view_as(targets), torch.cat(entropy).view_as(targets)

@@ -74,8 +74,11 @@ bias = False
 loss = "mile"  # "ce", "focal" or "mile"
 gamma = 1.0  # exponent of the Focal / MiLe weight; 1.0 in every run of the paper
 sigma = 1.0  # MiLe: w = (sigma + H) ** gamma
-chunked_loss = True  # output layer + loss in chunks (mile.chunked_loss): never the whole (B, T, V) logits
-loss_chunk_size = 512  # rows of logits per chunk (mile.DEFAULT_CHUNK_SIZE)
+# the path of the training loss (mile.choose_loss_path, docs/chunked.md): "auto" makes the (B, T, V) logits
+# whole on a GPU when they fit (compiled with the model: the fastest) and walks them in chunks otherwise
+# and on a CPU (faster there); True: always chunks (mile.chunked_loss, the least memory); False: never
+chunked_loss = "auto"
+loss_chunk_size = 0  # rows of logits per chunk; 0: per device, 512 on a CPU, 2048 on a GPU at GPT-2's vocabulary
 compile_loss = False  # torch.compile the per-chunk loss math: much faster on a GPU, slow to start on a CPU
 # AdamW
 learning_rate = 3e-3  # 3x nanoGPT's CPU recipe: a tiny model takes a large step
@@ -195,9 +198,13 @@ if gamma < 0:
 if parallel not in ("ddp", "fsdp"):
     fail(f"parallel must be 'ddp' or 'fsdp', not {parallel!r}")
 for key in ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps",
-            "n_layer", "n_head", "n_embd", "loss_chunk_size"):
+            "n_layer", "n_head", "n_embd"):
     if globals()[key] < 1:
         fail(f"{key} must be at least 1, not {globals()[key]}")
+if str(chunked_loss).lower() not in ("auto", "true", "false"):
+    fail(f"chunked_loss must be auto, True or False, not {chunked_loss!r}")
+if loss_chunk_size < 0:
+    fail(f"loss_chunk_size must be at least 0 (0: per device), not {loss_chunk_size}")
 if n_embd % n_head:
     fail(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
 config = {k: globals()[k] for k in config_keys}

@@ -1,4 +1,4 @@
-# The paper's 6.7B model and optimizer settings (Su et al. 2024; ../shared/MILE_SPEC.md): LLaMA block,
+# The paper's 6.7B model and optimizer settings (Su et al. 2024): LLaMA block,
 # d_model 4096, 32 layers, 32 heads, FFN 11008, context 2048, global batch 2048 sequences, 25000 optimizer steps,
 # AdamW 3e-4 (0.9, 0.95), weight decay 0.1 (not on norms), clip 1.0, cosine to 0 after 2000 warm-up steps, bf16.
 # The global batch is reached through gradient accumulation over all GPUs (a multiple of their number):
@@ -29,4 +29,8 @@ eval_interval = 1000
 eval_iters = 50
 log_interval = 10
 compile = True
-compile_loss = True
+# the training loss: the (B, T, V) logits whole and compiled with the model when they fit (counted at
+# 16 bytes a logit, in a quarter of the GPU's memory), else chunks of 2048 rows at V = 50304
+# (mile.choose_loss_path, docs/chunked.md); --chunked_loss=True forces the memory-lean chunks
+chunked_loss = "auto"
+compile_loss = True  # the per-chunk math, when chunks are used

@@ -1,8 +1,10 @@
 """mile.chunked_loss against the readable losses: value, and gradients for the hidden states and the
-output weight, for ce, focal and mile, eager and compiled, float32 and bf16."""
+output weight, for ce, focal and mile, eager and compiled, float32 and bf16; the choice of the loss
+path (mile.choose_loss_path); and bench.py on a tiny setting."""
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mile  # noqa: E402
-from mile import build_loss, chunked_loss  # noqa: E402
+from mile import build_loss, choose_loss_path, chunked_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -82,6 +84,12 @@ def test_compiled_matches_readable(fresh_compile, loss, dtype):
     check(hidden, weight, targets, loss, 1.0, chunk_size=128, compiled=True)
 
 
+@pytest.mark.parametrize("loss, gamma", [("mile", 0.0), ("focal", 2.0), ("ce", 2.0)])
+def test_compiled_other_gammas(fresh_compile, loss, gamma):
+    hidden, weight, targets = make_inputs(500, 32, 400, torch.float32, seed=18)
+    check(hidden, weight, targets, loss, gamma, chunk_size=96, compiled=True)
+
+
 def test_compiled_gamma_two_at_a_large_vocabulary(fresh_compile):
     hidden, weight, targets = make_inputs(600, 64, 32000, torch.float32, seed=12)
     check(hidden, weight, targets, "mile", 2.0, chunk_size=256, compiled=True)
@@ -92,26 +100,58 @@ def test_no_ignored_positions_and_large_logits():
     check(hidden, weight * 5, targets, "mile", 1.0, chunk_size=100, compiled=False)  # logits of scale 10
 
 
-def test_autocast_runs_the_matmuls_in_bf16():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autocast_runs_the_matmuls_in_bf16(fresh_compile, compiled):
+    # float32 parameters and hidden states under bf16 autocast, as train.py runs on a GPU: bf16 matmuls,
+    # float32 loss math, float32 gradients
     hidden, weight, targets = make_inputs(400, 32, 500, torch.float32, seed=14)
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = mile.mile_loss(h1 @ w1.t(), targets)  # the logits are bf16 here
-        actual = chunked_loss(hidden.clone().requires_grad_(True), weight, targets, chunk_size=64, compiled=False)
+        actual = chunked_loss(h2, w2, targets, chunk_size=96, compiled=compiled)
+    expected.backward()
+    actual.backward()
     assert actual.item() == pytest.approx(expected.item(), rel=2e-2)
     assert actual.item() != pytest.approx(mile.mile_loss(hidden @ weight.t(), targets).item(), rel=1e-6)
+    assert_near(h2.grad, h1.grad, 2e-2)
+    assert_near(w2.grad, w1.grad, 2e-2)
 
 
-def test_ce_for_free_and_no_grad():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ce_for_free_and_no_grad(fresh_compile, compiled):
     hidden, weight, targets = make_inputs(300, 32, 200, torch.float32, seed=15)
-    value, ce = chunked_loss(hidden, weight, targets, chunk_size=64, compiled=False, return_ce=True)
+    value, ce = chunked_loss(hidden, weight, targets, chunk_size=64, compiled=compiled, return_ce=True)
     logits = hidden @ weight.t()
     assert value.item() == pytest.approx(mile.mile_loss(logits, targets).item(), rel=1e-5)
     assert ce.item() == pytest.approx(mile.cross_entropy_loss(logits, targets).item(), rel=1e-5)
     assert not value.requires_grad  # nothing needed a gradient: none was computed
     with torch.no_grad():
         h = hidden.clone().requires_grad_(True)
-        assert not chunked_loss(h, weight, targets, compiled=False).requires_grad
+        value = chunked_loss(h, weight, targets, chunk_size=64, compiled=compiled)
+        assert not value.requires_grad
+        assert value.item() == pytest.approx(mile.mile_loss(logits, targets).item(), rel=1e-5)
+
+
+def test_compiled_chunks_have_static_shapes(fresh_compile):
+    # 7 chunks of 128 rows and one of 104: two static graphs, each compiled once (not a dynamic-shape
+    # graph that a later chunk size would reuse); another chunk size gets a graph of its own
+    from torch._dynamo.utils import counters
+    hidden, weight, targets = make_inputs(1000, 32, 300, torch.float32, seed=19)
+    counters.clear()
+    for _ in range(2):
+        check(hidden, weight, targets, "mile", 1.0, chunk_size=128, compiled=True)
+    assert counters["stats"]["unique_graphs"] == 2
+    check(hidden, weight, targets, "mile", 1.0, chunk_size=100, compiled=True)
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_bf16_matches_readable(fresh_compile, compiled):
+    # on CUDA the weight's gradient is summed by a bf16 x bf16 -> float32 GEMM (out_dtype) where PyTorch has it
+    hidden, weight, targets = make_inputs(3000, 64, 5000, torch.bfloat16, seed=20)
+    check(hidden.cuda(), weight.cuda(), targets.cuda(), "mile", 1.0, chunk_size=1024, compiled=compiled)
 
 
 def test_gradient_scales_with_grad_output():
@@ -129,6 +169,7 @@ def test_train_curve_chunked_matches_readable(tmp_path):
     for flag in ("True", "False"):
         out = tmp_path / flag
         subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", f"--chunked_loss={flag}",
+                        "--device=cpu",
                         "--loss_chunk_size=100", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
                         "--batch_size=8", "--max_iters=20", "--eval_interval=10", "--eval_iters=2", "--log_interval=2"],
                        cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -153,3 +194,98 @@ def test_entropy_clamp_is_reproduced():
     entropy = mile.token_entropy(hidden @ weight.t())
     assert entropy[: N // 2].min() > 0.5 * V * 1e-8 * 18.4  # the clamp is what makes these rows' entropy
     check(hidden, weight, targets, "mile", 1.0, chunk_size=16, compiled=False)
+
+
+# -----------------------------------------------------------------------------
+# the path of the training loss
+
+
+def test_auto_path_on_a_cpu_is_what_the_default_run_uses():
+    # python train.py: batch 12 x context 64 rows of the Shakespeare-char vocabulary, on the CPU: chunks of
+    # 512 rows, the path and size the README's default-run figures were measured with
+    assert choose_loss_path(12 * 64, 84, "cpu") == ("chunked", 512)
+    assert choose_loss_path(16384, 50304, "cpu") == ("chunked", 512)
+
+
+def test_auto_path_on_a_gpu_takes_the_logits_when_they_fit():
+    budget = 80 * 2 ** 30 // 4  # a quarter of an 80 GB GPU
+    # GPT-2 124M at issue 11's batch: 16 x 1024 x 50304 logits at 16 bytes, 13 GB: the full logits
+    assert choose_loss_path(16 * 1024, 50304, "cuda", budget_bytes=budget) == ("full", 2048)
+    assert choose_loss_path(8192, 32000, "cuda:0", budget_bytes=budget) == ("full", 4096)
+    # four times the batch, 53 GB: chunks, large ones
+    assert choose_loss_path(64 * 1024, 50304, "cuda", budget_bytes=budget) == ("chunked", 2048)
+    assert choose_loss_path(16 * 1024, 128256, "cuda", budget_bytes=budget) == ("chunked", 1024)
+    assert choose_loss_path(16 * 1024, 50304, "cuda", budget_bytes=budget // 4) == ("chunked", 2048)  # a 20 GB GPU
+
+
+def test_forced_paths_and_chunk_size():
+    for chunked in (True, "True", "true"):
+        assert choose_loss_path(8, 10, "cuda", chunked, budget_bytes=2 ** 40) == ("chunked", 2 ** 23)
+    for chunked in (False, "False", "false"):
+        assert choose_loss_path(10 ** 6, 50304, "cpu", chunked)[0] == "full"
+    assert choose_loss_path(100, 50304, "cpu", "auto", chunk_size=300) == ("chunked", 300)
+    assert choose_loss_path(100, 50304, "cuda", "AUTO", chunk_size=300, budget_bytes=0) == ("chunked", 300)
+    with pytest.raises(ValueError, match="auto, True or False"):
+        choose_loss_path(1, 1, "cpu", "maybe")
+
+
+@pytest.mark.parametrize("chunked", ["auto", True, False])
+def test_model_follows_the_path(chunked):
+    # old checkpoints carry chunked_loss as a bool; new ones "auto"
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=70, n_layer=1, n_head=2, n_embd=16, chunked_loss=chunked))
+    idx, targets = torch.randint(0, 70, (3, 16)), torch.randint(0, 70, (3, 16))
+    logits, loss = model(idx, targets)
+    assert (logits is None) == (chunked is not False)  # auto on a CPU: chunks
+    reference = mile.mile_loss(model.lm_head(model.hidden(idx)), targets)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("flag, message", [("--chunked_loss=maybe", "chunked_loss must be auto, True or False"),
+                                           ("--loss_chunk_size=-5", "loss_chunk_size must be at least 0")])
+def test_train_rejects_bad_paths(tmp_path, flag, message):
+    import subprocess
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", flag], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+
+def table_rows(text, first_cell):
+    """The cells of the Markdown table rows of text whose first cell is first_cell."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    return [r for r in rows if r[0] == first_cell]
+
+
+def test_bench_prints_its_tables(tmp_path):
+    """bench.py on a tiny shape (head + loss) and --train --tiny: both tables, parsed."""
+    import subprocess
+    out = tmp_path / "bench.md"
+    run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    head = run("--N=64", "--d=16", "--V=300", "--repeats=1", "--cases=CE compiled,MiLe eager,chunked MiLe eager,Cut CE",
+               f"--out={out}")
+    assert head.returncode == 0, head.stderr
+    rows = {r[3]: r for r in table_rows(head.stdout, "64")}
+    assert set(rows) == {"CE compiled", "MiLe eager", "chunked MiLe eager", "Cut CE"}
+    assert all(len(r) == 11 for r in rows.values())
+    assert float(rows["CE compiled"][6]) == 1.00  # the baseline of the "x CE" column
+    for case in ("MiLe eager", "chunked MiLe eager"):
+        assert float(rows[case][5]) > 0 and float(rows[case][6]) > 0 and float(rows[case][7]) > -50
+    assert rows["chunked MiLe eager"][4] == "512" and rows["MiLe eager"][4] == ""
+    assert rows["Cut CE"][5].startswith(("not installed", "needs CUDA"))  # optional, never required
+    assert rows["CE compiled"][9] == "n/a"  # no peak FLOP/s on a CPU unless --peak gives one
+    assert out.read_text().count("| 64 | 16 | 300 |") == 4
+
+    train = run("--train", "--tiny", "--losses=ce", "--", "--max_iters=4")  # one objective: the test stays short
+    assert train.returncode == 0, train.stderr
+    rows = {r[1]: r for r in table_rows(train.stdout, "ce")}
+    assert set(rows) == {"False", "True"} and float(rows["False"][3]) == 1.00  # the baseline of "x CE full"
+    for r in rows.values():
+        assert float(r[2]) > 0 and float(r[4].replace(",", "")) > 0 and int(r[6]) == 3  # 4 steps, the first left out
+    assert re.search(r"auto \(the default\) takes: (full|chunked, chunk \d+) \(N = 128, V = 84", train.stdout)
