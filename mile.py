@@ -22,7 +22,7 @@ playing ___": football, chess, ...) the target's probability is low however good
 so Focal keeps pushing it up; the entropy is high there too, but it measures how spread the
 whole prediction is, not how much it missed this one target.
 
-Conventions of this project (see the README):
+The exact definition, as read from the authors' code, is docs/mile.md. Conventions of this project:
 - softmax, entropy and CE are computed in float32 whatever the dtype of the logits;
 - positions whose target is ignore_index are left out of both means (alpha and L);
 - under torch.distributed each rank computes its alpha, then alpha is all-reduced (sum) and

@@ -16,8 +16,10 @@ from torch.nn import functional as F
 from mile import build_loss, choose_loss_path, chunked_loss, default_chunk_size, token_entropy
 
 # torch.compile of the whole model stops at the chunked loss: its loop over chunks stays in Python
-# and its per-chunk math is compiled on its own (compile_loss)
-head_chunked_loss = torch.compiler.disable(chunked_loss)
+# and its per-chunk math is compiled on its own (compile_loss). torch.compiler.disable would import
+# the compiler (over a second) whenever model.py is imported, by sample.py too; this form of it,
+# torch's own, waits until the first call
+head_chunked_loss = torch._compile._disable_dynamo(chunked_loss)
 
 
 @dataclass
