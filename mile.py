@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 LOSSES = ("ce", "focal", "mile")
-EPS = 1e-8  # the authors' clamp of the probabilities in the entropy
+EPS, LOG_EPS = 1e-8, math.log(1e-8)  # the authors' clamp of the probabilities in the entropy
 
 # -----------------------------------------------------------------------------
 # the readable losses: the reference every faster path is tested against
@@ -47,14 +47,16 @@ EPS = 1e-8  # the authors' clamp of the probabilities in the entropy
 def token_entropy(logits):
     """H_i = -sum_v q_iv log q_iv with q_i = clamp(softmax(z_i), 1e-8, 1), detached, float32."""
     log_p = F.log_softmax(logits.detach(), dim=-1, dtype=torch.float32)  # log p_iv = z_iv - logsumexp_v z_iv
-    return clamped_entropy(log_p.exp(), log_p)  # H_i
+    return clamped_entropy(log_p)  # H_i
 
 
-def clamped_entropy(p, log_p):
-    """H_i = -sum_v q_iv log q_iv, q_i = clamp(p_i, 1e-8, 1), from p_i and log p_i: where p_iv >= 1e-8,
-    q_iv = p_iv and the term is p_iv log p_iv; below, q_iv = 1e-8. Over log p, not a clamped softmax, so
-    that torch.compile fuses it into the reductions of the log-sum-exp (no (N, V) tensor kept, no log)."""
-    return -torch.where(p >= EPS, p * log_p, EPS * math.log(EPS)).sum(dim=-1)
+def clamped_entropy(log_p):
+    """H_i = -sum_v q_iv log q_iv, q_i = clamp(p_i, 1e-8, 1), from log p_i: where p_iv >= 1e-8, q_iv = p_iv and
+    the term is p_iv log p_iv; below, q_iv = 1e-8. Over log p, not a clamped softmax: torch.compile fuses it
+    into the reductions of the log-sum-exp (no (N, V) tensor, no log); eager, in place on one temporary."""
+    q_log_q = log_p.exp().mul_(log_p)  # p_iv log p_iv
+    q_log_q.masked_fill_(log_p < LOG_EPS, EPS * LOG_EPS)  # the clamp: 1e-8 log 1e-8 where p_iv < 1e-8
+    return -q_log_q.sum(dim=-1)
 
 
 def mile_weights(entropy, gamma=1.0, sigma=1.0):
@@ -181,12 +183,11 @@ def chunk_loss_terms(logits, targets, loss, gamma, sigma, ignore_index, need_gra
     need_grad w_i (p_i - onehot(y_i)) in the dtype of the logits. Reductions over each row and elementwise
     expressions only, so that torch.compile makes a few fused kernels that keep p_i in registers."""
     log_p = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # log p_i
-    p = log_p.exp()  # p_i
     keep = targets != ignore_index
     y = torch.where(keep, targets, 0)  # any valid index on ignored rows: they get w_i = 0 below
     ce = -log_p.gather(1, y[:, None]).squeeze(1)  # CE_i
     if loss == "mile":
-        w = mile_weights(clamped_entropy(p, log_p), gamma, sigma)
+        w = mile_weights(clamped_entropy(log_p), gamma, sigma)
     elif loss == "focal":
         w = focal_weights(ce, gamma)
     else:
@@ -197,7 +198,7 @@ def chunk_loss_terms(logits, targets, loss, gamma, sigma, ignore_index, need_gra
         return sums, None
     # onehot(y_i) as a comparison with the column index: compiled, it is never a tensor
     onehot = (torch.arange(logits.size(1), device=logits.device) == y[:, None]).float()
-    grad = w[:, None] * (p - onehot)  # w_i (p_i - onehot(y_i))
+    grad = log_p.exp().sub_(onehot).mul_(w[:, None])  # w_i (p_i - onehot(y_i)), in place on one temporary
     return sums, grad.to(logits.dtype)
 
 

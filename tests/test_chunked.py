@@ -258,7 +258,8 @@ def test_train_rejects_bad_paths(tmp_path, flag, message):
 
 def table_rows(text, first_cell):
     """The cells of the Markdown table rows of text whose first cell is first_cell."""
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
     return [r for r in rows if r[0] == first_cell]
 
 
