@@ -189,13 +189,13 @@ def test_readable_losses_compile_to_one_graph(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_losses_match_readable(name, dtype):
     """The full path on a GPU: the readable loss over the logits, torch.compile'd (value and gradient),
-    with ignored positions and gamma 0, 1 and 2."""
+    with ignored positions and gamma 1 and 2."""
     g = torch.Generator().manual_seed(8)
     logits = (torch.randn(2, 40, 500, generator=g) * 4).to(dtype)
     targets = torch.randint(0, 500, (2, 40), generator=g)
     targets[0, :9] = -1
     torch._dynamo.reset()
-    for gamma in (0.0, 1.0, 2.0):
+    for gamma in (1.0,) if name == "ce" else (1.0, 2.0):  # each gamma compiles anew; CE has none (gamma 0 = CE: tested eager)
         fn = build_loss(name, gamma=gamma)
         v1, g1 = value_and_grad(fn, logits, targets)
         v2, g2 = value_and_grad(torch.compile(fn, dynamic=False), logits, targets)
