@@ -26,7 +26,7 @@ The floor is 6 N d V FLOPs (the three matmuls) at the device's peak (model.PEAK_
     python bench.py --device=cuda --N=16384 --chunk_sizes=512,4096
     python bench.py --train                                  # ms/step of train.py's 124M for CE and MiLe
     python bench.py --train --tiny                           # the same on a tiny model (seconds, any device)
-    python bench.py --gpu-all --out=bench-gpu.md             # everything issue 11 asks, on one GPU
+    python bench.py --gpu-all --out=bench-gpu.md             # the whole GPU table: both head shapes, then --train
 
 --train runs train.py (config/gpt2_124m.py, 16 x 1024 tokens a micro-batch, 4 of them a step, 30
 steps, compiled) once per objective (ce, mile) and path (--chunked_loss=False, True), each in its own
@@ -49,7 +49,7 @@ import time
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CASES = ["CE compiled", "MiLe compiled", "MiLe eager", "chunked MiLe", "chunked CE", "chunked MiLe eager",
          "Liger FLCE", "Cut CE"]
-GPU_SHAPES = [(16384, 768, 50304), (8192, 4096, 32000)]  # issue 11: GPT-2 124M's head, the paper's 7B head
+GPU_SHAPES = [(16384, 768, 50304), (8192, 4096, 32000)]  # GPT-2 124M's head, the paper's 6.7B head
 TRAIN_124M = ["config/gpt2_124m.py", "--dataset=shakespeare", "--batch_size=16", "--gradient_accumulation_steps=4",
               "--max_iters=30", "--log_interval=5", "--eval_iters=2", "--eval_interval=1000"]
 TRAIN_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=6",
@@ -310,7 +310,7 @@ def main():
     parser.add_argument("--train", action="store_true", help="ms/step of train.py's 124M step instead (see above)")
     parser.add_argument("--tiny", action="store_true", help="with --train: a tiny model, not the 124M")
     parser.add_argument("--losses", default="ce,mile", help="with --train: the objectives, comma-separated")
-    parser.add_argument("--gpu-all", action="store_true", help="head + loss at issue 11's shapes, then --train")
+    parser.add_argument("--gpu-all", action="store_true", help="head + loss at GPT-2 124M's and the 6.7B preset's head shapes, then --train")
     parser.add_argument("--out", default="", help="also append the tables to this Markdown file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args, train_args = parser.parse_known_args()

@@ -209,7 +209,7 @@ def test_auto_path_on_a_cpu_is_what_the_default_run_uses():
 
 def test_auto_path_on_a_gpu_takes_the_logits_when_they_fit():
     budget = 80 * 2 ** 30 // 4  # a quarter of an 80 GB GPU
-    # GPT-2 124M at issue 11's batch: 16 x 1024 x 50304 logits at 16 bytes, 13 GB: the full logits
+    # GPT-2 124M at 16 sequences a micro-batch: 16 x 1024 x 50304 logits at 16 bytes, 13 GB: the full logits
     assert choose_loss_path(16 * 1024, 50304, "cuda", budget_bytes=budget) == ("full", 2048)
     assert choose_loss_path(8192, 32000, "cuda:0", budget_bytes=budget) == ("full", 4096)
     # four times the batch, 53 GB: chunks, large ones

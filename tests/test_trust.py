@@ -1,4 +1,4 @@
-"""What a user must be able to trust (issue 12): a dataset's meta.pkl cannot run code, one run per
+"""What a user must be able to trust: a dataset's meta.pkl cannot run code, one run per
 out_dir, a scratch run does not destroy a checkpoint, Ctrl-C saves and resumes exactly, a failing
 command leaves nothing behind, and under torchrun an error in any process reaches the user."""
 
