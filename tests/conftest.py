@@ -12,14 +12,18 @@ import pytest
 # named datasets (data/common.dataset_dir) are prepared into a temporary folder, removed at the end:
 # the tests never write into the working tree. Set before any test imports data.common, and inherited
 # by every train.py, sample.py and prepare script the tests start.
-os.environ["NANOMILE_DATA"] = tempfile.mkdtemp(prefix="nanomile-data-")
+SCRATCH = tempfile.mkdtemp(prefix="nanomile-tests-")
+os.environ["NANOMILE_DATA"] = os.path.join(SCRATCH, "data")
+# and the scratch files of the processes the tests start (torchrun's torchelastic_* folders) go there too
+os.makedirs(os.path.join(SCRATCH, "tmp"))
+os.environ["TMPDIR"] = os.path.join(SCRATCH, "tmp")
 # one thread per process: the tests run in two workers (pytest -n 2) on small models, and more threads
 # than cores only spin
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(os.environ["NANOMILE_DATA"], ignore_errors=True)
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=8",
