@@ -3,15 +3,16 @@ The MiLe loss (Su et al., "MiLe Loss: a New Loss for Mitigating the Bias of Lear
 Difficulties in Generative Language Models", NAACL 2024 Findings, arXiv 2310.19531),
 its Focal-loss baseline, and plain cross-entropy, written to be read against the formulas.
 
-For one predicted position i with logits z_i over the vocabulary and target y_i:
+For one predicted position i with logits z_i over the vocabulary and target y_i
+(the steps numbered as in docs/mile.md):
 
-    p_i     = softmax(z_i)
-    CE_i    = -log p_i[y_i]
-    q_i     = clamp(p_i, 1e-8, 1), from detached logits      (no gradient through q)
-    H_i     = -sum_v q_iv log q_iv                            (entropy of the prediction, nats)
-    w_i     = (sigma + H_i) ** gamma                          (sigma = 1, gamma = 1 in the paper)
-    alpha   = 1 / mean_i(w_i)                                 (per micro-batch)
-    L       = mean_i(alpha * w_i * CE_i)
+          p_i   = softmax(z_i)
+          CE_i  = -log p_i[y_i]
+    (1)   H_i   = -sum_v q_iv log q_iv,  q_i = clamp(p_i, 1e-8, 1)   (entropy of the prediction, nats,
+                                                                      from detached logits: no gradient)
+    (2)   w_i   = (sigma + H_i) ** gamma                             (sigma = 1, gamma = 1 in the paper)
+    (3)   alpha = 1 / mean_i(w_i)                                    (per micro-batch)
+    (4)   L     = mean_i(alpha * w_i * CE_i)
 
 Positions where the model is unsure (high entropy) weigh more; alpha keeps L on the scale of
 cross-entropy. Because w and alpha carry no gradient, dL/dz_i = alpha * w_i * (p_i - onehot(y_i)) / N.
@@ -22,7 +23,8 @@ playing ___": football, chess, ...) the target's probability is low however good
 so Focal keeps pushing it up; the entropy is high there too, but it measures how spread the
 whole prediction is, not how much it missed this one target.
 
-The exact definition, as read from the authors' code, is docs/mile.md. Conventions of this project:
+The exact definition, as read from the authors' code (class InfoEntropyLoss, MiLe's earlier name, in
+their utils/trainer.py), is docs/mile.md. Conventions of this project:
 - softmax, entropy and CE are computed in float32 whatever the dtype of the logits;
 - positions whose target is ignore_index are left out of both means (alpha and L);
 - under torch.distributed each rank computes its alpha, then alpha is all-reduced (sum) and
@@ -41,31 +43,28 @@ LOSSES = ("ce", "focal", "mile")
 EPS, LOG_EPS = 1e-8, math.log(1e-8)  # the authors' clamp of the probabilities in the entropy
 
 # -----------------------------------------------------------------------------
-# the readable losses: the reference every faster path is tested against
+# the readable losses: the reference every faster path is tested against (docs/mile.md numbers the steps)
+
+
+def entropy(log_p):
+    """Step 1: H_i = -sum_v q_iv log q_iv with q_i = clamp(p_i, 1e-8, 1), given log p_i (float32)."""
+    q = log_p.exp().clamp(EPS, 1.0)  # q_iv
+    log_q = log_p.clamp(LOG_EPS, 0.0)  # log q_iv: the log is monotone, so the clamp passes through it
+    return -(q * log_q).sum(dim=-1)  # H_i
 
 
 def token_entropy(logits):
-    """H_i = -sum_v q_iv log q_iv with q_i = clamp(softmax(z_i), 1e-8, 1), detached, float32."""
-    log_p = F.log_softmax(logits.detach(), dim=-1, dtype=torch.float32)  # log p_iv = z_iv - logsumexp_v z_iv
-    return clamped_entropy(log_p)  # H_i
+    """H_i of every row of logits, from detached logits (no gradient flows through it), in float32."""
+    return entropy(F.log_softmax(logits.detach(), dim=-1, dtype=torch.float32))
 
 
-def clamped_entropy(log_p):
-    """H_i = -sum_v q_iv log q_iv, q_i = clamp(p_i, 1e-8, 1), from log p_i: where p_iv >= 1e-8, q_iv = p_iv and
-    the term is p_iv log p_iv; below, q_iv = 1e-8. Over log p, not a clamped softmax: torch.compile fuses it
-    into the reductions of the log-sum-exp (no (N, V) tensor, no log); eager, in place on one temporary."""
-    q_log_q = log_p.exp().mul_(log_p)  # p_iv log p_iv
-    q_log_q.masked_fill_(log_p < LOG_EPS, EPS * LOG_EPS)  # the clamp: 1e-8 log 1e-8 where p_iv < 1e-8
-    return -q_log_q.sum(dim=-1)
-
-
-def mile_weights(entropy, gamma=1.0, sigma=1.0):
-    """w_i = (sigma + H_i) ** gamma."""
-    return (sigma + entropy) ** gamma
+def mile_weights(H, gamma=1.0, sigma=1.0):
+    """Step 2: w_i = (sigma + H_i) ** gamma."""
+    return (sigma + H) ** gamma
 
 
 def focal_weights(ce, gamma=1.0):
-    """w_i = (1 - pt_i) ** gamma with pt_i = exp(-CE_i), detached."""
+    """Focal's weight: w_i = (1 - pt_i) ** gamma with pt_i = exp(-CE_i), detached."""
     pt = torch.exp(-ce.detach())  # pt_i, the probability of the target
     return (1.0 - pt) ** gamma
 
@@ -77,7 +76,8 @@ def masked_mean(x, keep):
 
 
 def normalizer(weights, keep=None):
-    """alpha = 1 / mean_i(w_i) (over keep); under torch.distributed, the mean over ranks of each rank's alpha."""
+    """Step 3: alpha = 1 / mean_i(w_i) (over keep); under torch.distributed, the mean over ranks of each
+    rank's alpha."""
     return mean_over_ranks(1.0 / (weights.mean() if keep is None else masked_mean(weights, keep)))
 
 
@@ -103,17 +103,18 @@ def cross_entropy_loss(logits, targets, ignore_index=-1):
 
 
 def mile_loss(logits, targets, gamma=1.0, sigma=1.0, ignore_index=-1):
-    """MiLe: mean_i(alpha * w_i * CE_i) with w_i = (sigma + H_i) ** gamma, alpha = 1 / mean(w)."""
+    """Step 4, MiLe: L = mean_i(alpha * w_i * CE_i) with w_i = (sigma + H_i) ** gamma, alpha = 1 / mean(w)."""
     logits, targets = _flatten(logits, targets)
     keep = targets != ignore_index  # the positions that count: both means run over these
-    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)  # CE_i
-    w = mile_weights(token_entropy(logits), gamma, sigma)  # w_i, no gradient
+    log_p = F.log_softmax(logits, dim=-1)  # log p_i, shared by CE_i and H_i
+    ce = F.nll_loss(log_p, targets, reduction="none", ignore_index=ignore_index)  # CE_i = -log p_i[y_i]
+    w = mile_weights(entropy(log_p.detach()), gamma, sigma)  # w_i, no gradient
     alpha = normalizer(w, keep)  # alpha, no gradient
     return masked_mean(alpha * w * ce, keep)  # L
 
 
 def focal_loss(logits, targets, gamma=1.0, ignore_index=-1):
-    """Focal: mean_i(alpha * w_i * CE_i) with w_i = (1 - exp(-CE_i)) ** gamma, alpha = 1 / mean(w)."""
+    """Focal: L = mean_i(alpha * w_i * CE_i) with w_i = (1 - exp(-CE_i)) ** gamma, alpha = 1 / mean(w)."""
     logits, targets = _flatten(logits, targets)
     keep = targets != ignore_index  # the positions that count: both means run over these
     ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)  # CE_i
@@ -123,7 +124,7 @@ def focal_loss(logits, targets, gamma=1.0, ignore_index=-1):
 
 
 def build_loss(name, gamma=1.0, sigma=1.0, ignore_index=-1):
-    """The training objective by name: a function (logits, targets) -> scalar loss."""
+    """The training loss by name: a function (logits, targets) -> scalar loss."""
     if name == "ce":
         return lambda logits, targets: cross_entropy_loss(logits, targets, ignore_index)
     if name == "focal":
@@ -154,21 +155,20 @@ def default_chunk_size(vocab, device_type):
     return max(256, 2 ** ((CHUNK_LOGITS // vocab).bit_length() - 1))
 
 
-def choose_loss_path(n_rows, vocab, device, chunked="auto", chunk_size=0, budget_bytes=None):
+def choose_loss_path(n_rows, vocab, device, path="auto", chunk_size=0, budget_bytes=None):
     """How to compute the loss of n_rows x vocab logits on device: ("full", chunk_size) or ("chunked",
-    chunk_size). chunked: True, False or "auto" (in any case). "auto" is the fastest path that fits: on a
+    chunk_size). path "full" or "chunked" is taken as it is; "auto" is the fastest path that fits: on a
     GPU, full when the logits at FULL_BYTES_PER_LOGIT fit in budget_bytes (default: a quarter of the GPU's
     memory), chunked otherwise; on a CPU, chunked. chunk_size 0: default_chunk_size for the device."""
     device = torch.device(device)
-    mode = str(chunked).lower()
-    if mode not in ("auto", "true", "false"):
-        raise ValueError(f"chunked must be auto, True or False, not {chunked!r}")
+    if path not in ("auto", "full", "chunked"):
+        raise ValueError(f"the loss path must be auto, full or chunked, not {path!r}")
     chunk_size = chunk_size or default_chunk_size(vocab, device.type)
-    if mode == "auto" and device.type == "cuda":
+    if path == "auto" and device.type == "cuda":
         if budget_bytes is None:
             budget_bytes = torch.cuda.get_device_properties(device).total_memory // 4
-        mode = "true" if n_rows * vocab * FULL_BYTES_PER_LOGIT > budget_bytes else "false"
-    return ("full" if mode == "false" else "chunked"), chunk_size
+        path = "chunked" if n_rows * vocab * FULL_BYTES_PER_LOGIT > budget_bytes else "full"
+    return ("chunked" if path == "auto" else path), chunk_size
 
 
 # The chunked path: output layer plus loss in chunks, never materialising the (N, V) logits.
@@ -178,8 +178,18 @@ def choose_loss_path(n_rows, vocab, device, chunked="auto", chunk_size=0, budget
 # dL/dz_i = alpha * w_i * (p_i - onehot(y_i)) / n, so the sums can run with w_i alone and alpha / n, one
 # scalar known after the last chunk (and after its all-reduce), scales both gradients in backward.
 
+def clamped_entropy(log_p):
+    """entropy(log_p), fused: where p_iv >= 1e-8 the clamp leaves q_iv = p_iv and the term is p_iv log p_iv;
+    below it, q_iv = 1e-8 and the term is the constant 1e-8 log 1e-8. So no log is taken and no clamped
+    copy made: torch.compile fuses it into the reductions of the log-sum-exp; eager, it works in place on
+    one temporary. tests/test_mile.py checks it against entropy()."""
+    q_log_q = log_p.exp().mul_(log_p)  # p_iv log p_iv
+    q_log_q.masked_fill_(log_p < LOG_EPS, EPS * LOG_EPS)  # the clamp
+    return -q_log_q.sum(dim=-1)
+
+
 def chunk_loss_terms(logits, targets, loss, gamma, sigma, ignore_index, need_grad=True):
-    """One chunk of rows: the sums over its kept rows [sum_i w_i CE_i, sum_i w_i, sum_i CE_i], and with
+    """One chunk of rows: the sums over its kept rows [sum_i w_i CE_i, sum_i w_i], and with
     need_grad w_i (p_i - onehot(y_i)) in the dtype of the logits. Reductions over each row and elementwise
     expressions only, so that torch.compile makes a few fused kernels that keep p_i in registers."""
     log_p = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # log p_i
@@ -192,8 +202,8 @@ def chunk_loss_terms(logits, targets, loss, gamma, sigma, ignore_index, need_gra
         w = focal_weights(ce, gamma)
     else:
         w = torch.ones_like(ce)
-    w, ce = torch.where(keep, w, 0.0), torch.where(keep, ce, 0.0)
-    sums = torch.stack([(w * ce).sum(), w.sum(), ce.sum()])
+    w = torch.where(keep, w, 0.0)
+    sums = torch.stack([(w * ce).sum(), w.sum()])
     if not need_grad:
         return sums, None
     # onehot(y_i) as a comparison with the column index: compiled, it is never a tensor
@@ -268,7 +278,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 if need_grad:
                     torch.mm(grad, W, out=grad_hidden[rows])  # dL/dh = dL/dz W, up to alpha / n
                     _add_mm(grad_weight, grad.t(), h)  # dL/dW = sum_i dL/dz_i h_i^T, up to alpha / n
-            wce_sum, w_sum, ce_sum = torch.stack(sums).sum(dim=0)
+            wce_sum, w_sum = torch.stack(sums).sum(dim=0)
             n = (targets != ignore_index).sum()
             # alpha = 1 / mean_i(w_i) = n / sum_i w_i, averaged over ranks like normalizer(); 1 for CE
             alpha = torch.ones((), device=hidden.device) if loss == "ce" else mean_over_ranks(n / w_sum)
@@ -276,12 +286,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
             if need_grad:
                 ctx.save_for_backward(grad_hidden, grad_weight, scale)
                 ctx.dtypes = hidden.dtype, weight.dtype
-        ce_mean = ce_sum / n
-        ctx.mark_non_differentiable(ce_mean)
-        return wce_sum * scale, ce_mean
+        return wce_sum * scale
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_ce):
+    def backward(ctx, grad_loss):
         # scale the stored gradients in place where they are already in the parameter's dtype, so that
         # no second (V, d) buffer is made; so this backward runs once only
         assert not getattr(ctx, "done", False), "chunked_loss supports one backward pass per forward"
@@ -295,14 +303,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
 
 def chunked_loss(hidden, weight, targets, loss="mile", gamma=1.0, sigma=1.0, ignore_index=-1,
-                 chunk_size=DEFAULT_CHUNK_SIZE, compiled=True, return_ce=False):
+                 chunk_size=DEFAULT_CHUNK_SIZE, compiled=True):
     """The loss of the logits hidden @ weight.T, as ce, focal or mile (same semantics as the
     readable losses), computed chunk_size rows at a time. hidden (..., d), weight (V, d), targets (...).
-    compiled: run the per-chunk math through torch.compile (falls back to eager where it fails).
-    return_ce: also return the plain mean cross-entropy of the same logits (no gradient), for free."""
+    compiled: run the per-chunk math through torch.compile (falls back to eager where it fails)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    value, ce = ChunkedHeadLoss.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), loss,
-                                      float(gamma), float(sigma), ignore_index, chunk_size, compiled, need_grad)
-    return (value, ce) if return_ce else value
+    return ChunkedHeadLoss.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), loss,
+                                 float(gamma), float(sigma), ignore_index, chunk_size, compiled, need_grad)

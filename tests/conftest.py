@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 # named datasets (data/common.dataset_dir) are prepared into a temporary folder, removed at the end:
 # the tests never write into the working tree. Set before any test imports data.common, and inherited
@@ -25,6 +26,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def pytest_unconfigure(config):
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
+def sum_tolerance(n_terms, dtype=torch.float32):
+    """How far two computations of a sum of n_terms numbers in dtype may differ, relative to the sum of
+    the numbers' magnitudes: n_terms * eps, the worst case of any summation order (a CPU's vector width
+    and threads choose the order). A tolerance is this, for the largest sum a value goes through, never
+    a ratio to another run's error."""
+    return n_terms * torch.finfo(dtype).eps
+
+
+def steps_tolerance(steps, n_terms):
+    """How far two training runs that sum the same numbers in different orders may drift apart after
+    `steps` optimizer steps, relative: each step's gradients differ by sum_tolerance(n_terms), and Adam's
+    normalised update carries a relative difference of the gradients over about one to one."""
+    return max(steps, 1) * sum_tolerance(n_terms)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=8",
         "--eval_interval=4", "--eval_iters=2", "--log_interval=4", "--warmup_iters=2"]
@@ -33,7 +49,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 def compare(out, *args):
     """python compare.py on the tiny model, two seeds."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), f"--out_dir={out}", "--seeds=1,2",
-                           "--eval_batches=3", *args, "--", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--eval_iters=3", *args, "--", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mile  # noqa: E402
+from conftest import sum_tolerance  # noqa: E402
 from mile import build_loss, choose_loss_path, chunked_loss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+BF16 = torch.finfo(torch.bfloat16).eps
+
+
+def tolerance(dtype, N, d, V):
+    """How far the chunked path may be from the readable one, relative to a tensor's largest entry: the
+    float32 sums a value goes through in another order (V terms in the log-sum-exp and in dL/dh, N in
+    dL/dW and the loss, d in a logit); in bf16 the logits, their gradient and the gradients' products are
+    also rounded to bf16, three roundings that may each land one bf16 step apart."""
+    tol = sum_tolerance(2 * V + N + d)
+    return tol if dtype == torch.float32 else tol + 3 * BF16
 
 
 def assert_near(actual, expected, tol):
@@ -51,7 +61,7 @@ def chunked(hidden, weight, targets, loss, gamma, **kw):
 
 
 def check(hidden, weight, targets, loss, gamma, **kw):
-    tol = TOLERANCE[hidden.dtype]
+    tol = tolerance(hidden.dtype, *hidden.shape, weight.size(0))
     expected = readable(hidden, weight, targets, loss, gamma)
     actual = chunked(hidden, weight, targets, loss, gamma, **kw)
     assert actual[0].dtype == torch.float32
@@ -112,25 +122,28 @@ def test_autocast_runs_the_matmuls_in_bf16(fresh_compile, compiled):
         actual = chunked_loss(h2, w2, targets, chunk_size=96, compiled=compiled)
     expected.backward()
     actual.backward()
-    assert actual.item() == pytest.approx(expected.item(), rel=2e-2)
-    assert actual.item() != pytest.approx(mile.mile_loss(hidden @ weight.t(), targets).item(), rel=1e-6)
-    assert_near(h2.grad, h1.grad, 2e-2)
-    assert_near(w2.grad, w1.grad, 2e-2)
+    tol = tolerance(torch.bfloat16, 400, 32, 500)
+    assert actual.item() == pytest.approx(expected.item(), rel=tol)
+    # the matmuls ran in bf16: the very numbers of the same chunks on bf16 inputs without autocast
+    assert actual.item() == chunked_loss(hidden.bfloat16(), weight.bfloat16(), targets, chunk_size=96,
+                                         compiled=compiled).item()
+    assert_near(h2.grad, h1.grad, tol)
+    assert_near(w2.grad, w1.grad, tol)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_ce_for_free_and_no_grad(fresh_compile, compiled):
+def test_no_grad(fresh_compile, compiled):
     hidden, weight, targets = make_inputs(300, 32, 200, torch.float32, seed=15)
-    value, ce = chunked_loss(hidden, weight, targets, chunk_size=64, compiled=compiled, return_ce=True)
+    value = chunked_loss(hidden, weight, targets, chunk_size=64, compiled=compiled)
     logits = hidden @ weight.t()
-    assert value.item() == pytest.approx(mile.mile_loss(logits, targets).item(), rel=1e-5)
-    assert ce.item() == pytest.approx(mile.cross_entropy_loss(logits, targets).item(), rel=1e-5)
+    tol = tolerance(torch.float32, 300, 32, 200)
+    assert value.item() == pytest.approx(mile.mile_loss(logits, targets).item(), rel=tol)
     assert not value.requires_grad  # nothing needed a gradient: none was computed
     with torch.no_grad():
         h = hidden.clone().requires_grad_(True)
         value = chunked_loss(h, weight, targets, chunk_size=64, compiled=compiled)
         assert not value.requires_grad
-        assert value.item() == pytest.approx(mile.mile_loss(logits, targets).item(), rel=1e-5)
+        assert value.item() == pytest.approx(mile.mile_loss(logits, targets).item(), rel=tol)
 
 
 def test_compiled_chunks_have_static_shapes(fresh_compile):
@@ -159,27 +172,29 @@ def test_gradient_scales_with_grad_output():
     h = hidden.clone().requires_grad_(True)
     (3.0 * chunked_loss(h, weight, targets, chunk_size=50, compiled=False)).backward()
     _, expected, _ = readable(hidden, weight, targets, "mile", 1.0)
-    assert_near(h.grad, 3.0 * expected, 1e-5)
+    assert_near(h.grad, 3.0 * expected, tolerance(torch.float32, 200, 16, 100))
 
 
 def test_train_curve_chunked_matches_readable(tmp_path):
     """A short train.py run gives the same losses with the chunked and the readable head."""
     import subprocess
     logs = []
-    for flag in ("True", "False"):
-        out = tmp_path / flag
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", f"--chunked_loss={flag}",
+    for path in ("chunked", "full"):
+        out = tmp_path / path
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", f"--loss_path={path}",
                         "--device=cpu",
                         "--loss_chunk_size=100", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
                         "--batch_size=8", "--max_iters=20", "--eval_interval=10", "--eval_iters=2", "--log_interval=2"],
                        cwd=ROOT, check=True, capture_output=True, timeout=600)
         logs.append([json.loads(line) for line in open(out / "log.jsonl")])
     assert len(logs[0]) == len(logs[1]) > 10
+    # each step the two paths differ by the sums' rounding (V = 84 and N = 256 terms, d = 32); Adam's update
+    # carries a relative difference of the gradients over about one to one, so after k steps about k times that
     for a, b in zip(*logs):
         assert a["iter"] == b["iter"]
-        for key in ("train_loss", "val_loss"):
+        for key in ("train_loss", "val_ce"):
             if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-4)
+                assert a[key] == pytest.approx(b[key], rel=max(a["iter"], 1) * sum_tolerance(2 * 84 + 256 + 32))
 
 
 def test_entropy_clamp_is_reproduced():
@@ -219,31 +234,40 @@ def test_auto_path_on_a_gpu_takes_the_logits_when_they_fit():
 
 
 def test_forced_paths_and_chunk_size():
-    for chunked in (True, "True", "true"):
-        assert choose_loss_path(8, 10, "cuda", chunked, budget_bytes=2 ** 40) == ("chunked", 2 ** 23)
-    for chunked in (False, "False", "false"):
-        assert choose_loss_path(10 ** 6, 50304, "cpu", chunked)[0] == "full"
+    assert choose_loss_path(8, 10, "cuda", "chunked", budget_bytes=2 ** 40) == ("chunked", 2 ** 23)
+    assert choose_loss_path(10 ** 6, 50304, "cpu", "full")[0] == "full"
     assert choose_loss_path(100, 50304, "cpu", "auto", chunk_size=300) == ("chunked", 300)
-    assert choose_loss_path(100, 50304, "cuda", "AUTO", chunk_size=300, budget_bytes=0) == ("chunked", 300)
-    with pytest.raises(ValueError, match="auto, True or False"):
+    assert choose_loss_path(100, 50304, "cuda", "auto", chunk_size=300, budget_bytes=0) == ("chunked", 300)
+    with pytest.raises(ValueError, match="auto, full or chunked"):
         choose_loss_path(1, 1, "cpu", "maybe")
 
 
-@pytest.mark.parametrize("chunked", ["auto", True, False])
-def test_model_follows_the_path(chunked):
-    # old checkpoints carry chunked_loss as a bool; new ones "auto"
+@pytest.mark.parametrize("path", ["chunked", "full"])
+def test_model_follows_the_path(path):
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=70, n_layer=1, n_head=2, n_embd=16, chunked_loss=chunked))
+    model = GPT(GPTConfig(block_size=16, vocab_size=70, n_layer=1, n_head=2, n_embd=16, loss_path=path))
     idx, targets = torch.randint(0, 70, (3, 16)), torch.randint(0, 70, (3, 16))
     logits, loss = model(idx, targets)
-    assert (logits is None) == (chunked is not False)  # auto on a CPU: chunks
+    assert (logits is None) == (path == "chunked")
     reference = mile.mile_loss(model.lm_head(model.hidden(idx)), targets)
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(reference.item(), rel=tolerance(torch.float32, 48, 16, 70))
 
 
-@pytest.mark.parametrize("flag, message", [("--chunked_loss=maybe", "chunked_loss must be auto, True or False"),
-                                           ("--loss_chunk_size=-5", "loss_chunk_size must be at least 0")])
+def test_old_checkpoints_name_the_path_as_before():
+    """Checkpoints of earlier versions saved chunked_loss (True, False or "auto") and compile_loss."""
+    import checkpoint
+    assert checkpoint.upgrade({"chunked_loss": True, "compile_loss": True}) == {"loss_path": "chunked"}
+    assert checkpoint.upgrade({"chunked_loss": "false"})["loss_path"] == "full"
+    assert checkpoint.upgrade({"chunked_loss": "auto"})["loss_path"] == "full"  # train.py decides anew on resume
+    import settings
+    cfg = settings.resumed(settings.Settings(), {"chunked_loss": True, "loss": "ce"}, explicit=set())
+    assert (cfg.loss_path, cfg.loss) == ("chunked", "ce")
+
+
+@pytest.mark.parametrize("flag, message", [("--loss_path=maybe", "loss_path must be one of auto, full, chunked"),
+                                           ("--chunked_loss=True", "--chunked_loss is now --loss_path"),
+                                           ("--loss_chunk_size=-5", "loss_chunk_size must not be negative")])
 def test_train_rejects_bad_paths(tmp_path, flag, message):
     import subprocess
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", flag], cwd=ROOT,
@@ -283,10 +307,10 @@ def test_bench_prints_its_tables(tmp_path):
     assert rows["CE compiled"][9] == "n/a"  # no peak FLOP/s on a CPU unless --peak gives one
     assert out.read_text().count("| 64 | 16 | 300 |") == 4
 
-    train = run("--train", "--tiny", "--losses=ce", "--", "--max_iters=4")  # one objective: the test stays short
+    train = run("--train", "--tiny", "--loss=ce", "--", "--max_iters=4")  # one loss: the test stays short
     assert train.returncode == 0, train.stderr
     rows = {r[1]: r for r in table_rows(train.stdout, "ce")}
-    assert set(rows) == {"False", "True"} and float(rows["False"][3]) == 1.00  # the baseline of "x CE full"
+    assert set(rows) == {"full", "chunked"} and float(rows["full"][3]) == 1.00  # the baseline of "x CE full"
     for r in rows.values():
         assert float(r[2]) > 0 and float(r[4].replace(",", "")) > 0 and int(r[6]) == 3  # 4 steps, the first left out
     assert re.search(r"auto \(the default\) takes: (full|chunked, chunk \d+) \(N = 128, V = 84", train.stdout)
