@@ -26,13 +26,13 @@ The floor is 6 N d V FLOPs (the three matmuls) at the device's peak (model.PEAK_
     python bench.py --device=cuda --N=16384 --chunk_sizes=512,4096
     python bench.py --train                                  # ms/step of train.py's 124M for CE and MiLe
     python bench.py --train --tiny                           # the same on a tiny model (seconds, any device)
-    python bench.py --gpu-all --out=bench-gpu.md             # the whole GPU table: both head shapes, then --train
+    python bench.py --gpu_all --out=bench-gpu.md             # the whole GPU table: both head shapes, then --train
 
 --train runs train.py (config/gpt2_124m.py, 16 x 1024 tokens a micro-batch, 4 of them a step, 30
-steps, compiled) once per objective (ce, mile) and path (--chunked_loss=False, True), each in its own
+steps, compiled) once per loss (ce, mile) and path (--loss_path=full, chunked), each in its own
 process, and reads its log.jsonl: the median tokens/s and MFU of the logged intervals after the first
 (which holds the compilation). It also counts the graph breaks and recompilations torch.compile
-reports (TORCH_LOGS), and says which path --chunked_loss=auto takes there. Arguments after -- go to
+reports (TORCH_LOGS), and says which path --loss_path=auto takes there. Arguments after -- go to
 train.py.
 """
 
@@ -45,6 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from settings import refuse_renamed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CASES = ["CE compiled", "MiLe compiled", "MiLe eager", "chunked MiLe", "chunked CE", "chunked MiLe eager",
@@ -243,55 +245,41 @@ def train_run(args, out_dir):
 
 
 def auto_path(args):
-    """The path --chunked_loss=auto takes for train.py with these arguments, on this machine (train.py's
-    own settings, a config file among the arguments, then --key=value, as train.py reads them)."""
-    import pickle
-
-    import torch
-
+    """The path --loss_path=auto takes for train.py with these arguments, on this machine: the settings as
+    train.py reads them (settings.py), the vocabulary from the dataset's meta.pkl."""
     import mile
-    from data.common import dataset_dir
-    settings = {"batch_size": 12, "block_size": 64, "dataset": "shakespeare_char", "loss_chunk_size": 0,
-                "device": "auto"}
-    for arg in args:
-        if arg.startswith("--"):
-            key, _, value = arg[2:].partition("=")
-            settings[key] = value
-        elif os.path.isfile(os.path.join(ROOT, arg)):
-            scope = {}
-            exec(open(os.path.join(ROOT, arg)).read(), {}, scope)
-            settings.update({k: v for k, v in scope.items() if k in settings})
-    device = settings["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    with open(os.path.join(dataset_dir(str(settings["dataset"])), "meta.pkl"), "rb") as f:
-        vocab = pickle.load(f)["vocab_size"]
-    n_rows = int(settings["batch_size"]) * int(settings["block_size"])
-    path, chunk = mile.choose_loss_path(n_rows, vocab, device, "auto", int(settings["loss_chunk_size"]))
+    import settings
+    from data.common import dataset_dir, read_meta
+    from system import resolve_device
+    cfg, _ = settings.parse(args)
+    device = resolve_device(cfg.device)
+    vocab = read_meta(os.path.join(dataset_dir(cfg.dataset), "meta.pkl"))["vocab_size"]
+    n_rows = cfg.batch_size * cfg.block_size
+    path, chunk = mile.choose_loss_path(n_rows, vocab, device, "auto", cfg.loss_chunk_size)
     return f"{path}" + (f", chunk {chunk}" if path == "chunked" else "") + f" (N = {n_rows}, V = {vocab}, {device})"
 
 
-def train_table(base_args, emit, objectives=("ce", "mile")):
-    """ms/step of train.py for each objective, full logits and chunked, side by side."""
-    emit("| objective | --chunked_loss | ms/step | x CE full | tokens/s | MFU | intervals | graph breaks "
+def train_table(base_args, emit, losses=("ce", "mile")):
+    """ms/step of train.py for each loss, full logits and chunked, side by side."""
+    emit("| loss | --loss_path | ms/step | x CE full | tokens/s | MFU | intervals | graph breaks "
          "| recompiles |")
     emit("|---|---|---|---|---|---|---|---|---|")
     ce_full = None
     with tempfile.TemporaryDirectory() as tmp:
-        for objective in objectives:
-            for chunked in ("False", "True"):
-                args = [*base_args, f"--loss={objective}", f"--chunked_loss={chunked}"]
-                r = train_run(args, os.path.join(tmp, f"{objective}-{chunked}"))
+        for loss in losses:
+            for path in ("full", "chunked"):
+                args = [*base_args, f"--loss={loss}", f"--loss_path={path}"]
+                r = train_run(args, os.path.join(tmp, f"{loss}-{path}"))
                 if "error" in r:
-                    emit(f"| {objective} | {chunked} | {r['error']} | | | | | | |")
+                    emit(f"| {loss} | {path} | {r['error']} | | | | | | |")
                     continue
-                if objective == "ce" and chunked == "False":
+                if loss == "ce" and path == "full":
                     ce_full = r["ms"]
                 ratio = f"{r['ms'] / ce_full:.2f}" if ce_full else ""
                 mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] else "n/a"
-                emit(f"| {objective} | {chunked} | {r['ms']:.1f} | {ratio} | {r['tokens_per_s']:,.0f} | {mfu} "
+                emit(f"| {loss} | {path} | {r['ms']:.1f} | {ratio} | {r['tokens_per_s']:,.0f} | {mfu} "
                      f"| {r['intervals']} | {r['breaks']} | {r['recompiles']} |")
-    emit(f"\n--chunked_loss=auto (the default) takes: {auto_path(base_args)}")
+    emit(f"\n--loss_path=auto (the default) takes: {auto_path(base_args)}")
 
 
 # -----------------------------------------------------------------------------
@@ -309,10 +297,11 @@ def main():
     parser.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s for the floor (CUDA: looked up)")
     parser.add_argument("--train", action="store_true", help="ms/step of train.py's 124M step instead (see above)")
     parser.add_argument("--tiny", action="store_true", help="with --train: a tiny model, not the 124M")
-    parser.add_argument("--losses", default="ce,mile", help="with --train: the objectives, comma-separated")
-    parser.add_argument("--gpu-all", action="store_true", help="head + loss at GPT-2 124M's and the 6.7B preset's head shapes, then --train")
+    parser.add_argument("--loss", default="ce,mile", help="with --train: the losses, comma-separated")
+    parser.add_argument("--gpu_all", action="store_true", help="head + loss at GPT-2 124M's and the 6.7B preset's head shapes, then --train")
     parser.add_argument("--out", default="", help="also append the tables to this Markdown file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    refuse_renamed(sys.argv[1:], {"--gpu-all": "--gpu_all", "--losses": "--loss (comma-separated)"})
     args, train_args = parser.parse_known_args()
     if train_args and (train_args[0] != "--" or not args.train):
         parser.error(f"unrecognized arguments: {' '.join(train_args)} (train.py's go after --, with --train)")
@@ -325,7 +314,7 @@ def main():
 
     import torch
     if (args.device == "cuda" or args.gpu_all) and not torch.cuda.is_available():
-        sys.exit("error: --device=cuda (or --gpu-all), but this PyTorch sees no CUDA GPU; run on a GPU machine or "
+        sys.exit("error: --device=cuda (or --gpu_all), but this PyTorch sees no CUDA GPU; run on a GPU machine or "
                  "use --device=cpu")
     out = open(args.out, "a") if args.out else None
 
@@ -338,22 +327,22 @@ def main():
     cuda = torch.cuda.is_available() and (args.device == "cuda" or args.train)
     machine = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores"
     if args.device == "cuda" and not args.peak:
-        from model import peak_flops
+        from system import peak_flops
         args.peak = peak_flops(torch.cuda.get_device_name())
     peak = args.peak or None
     emit(f"\n# {time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, median of {repeats} runs, "
          + (f"floor at {peak / 1e12:.0f} TFLOP/s\n" if peak else "no peak FLOP/s for a floor\n"))
     if args.train:
         base = ([*TRAIN_TINY, "--compile=False"] if args.tiny else TRAIN_124M) + train_args
-        emit(f"train.py {' '.join(base)}, per objective and path:\n")
-        train_table(base, emit, args.losses.split(","))
+        emit(f"train.py {' '.join(base)}, per loss and path:\n")
+        train_table(base, emit, args.loss.split(","))
         return
     chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
     if args.gpu_all:
         emit("Head + loss, forward and backward, bf16 inputs; x CE and / CE against the first row of each shape:\n")
         cases = [c for c in CASES if c != "chunked MiLe eager"]  # eager per-chunk math: the CPU's path, not a GPU's
         head_table(GPU_SHAPES, cases, chunk_sizes or [512, 1024, 4096], "cuda", repeats, peak, emit)
-        emit(f"\ntrain.py {' '.join(TRAIN_124M)}, per objective and path:\n")
+        emit(f"\ntrain.py {' '.join(TRAIN_124M)}, per loss and path:\n")
         train_table(TRAIN_124M, emit)
         return
     shapes = [(int(n), args.d, args.V) for n in args.N.split(",")]

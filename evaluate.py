@@ -17,14 +17,13 @@ on the same fixed validation batches train.py uses (or more of them), and prints
 import argparse
 import math
 import os
-import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+import checkpoint
 from data.common import dataset_dir, get_windows, train_token_counts
-from model import GPT, GPTConfig, load_checkpoint
+from system import autocast, fail, resolve_device, resolve_dtype
 
 BUCKETS = ("high", "medium", "low")
 CUTOFFS = (0.80, 0.95)  # cumulative shares of the training tokens where high and medium end
@@ -47,28 +46,40 @@ def frequency_buckets(counts, cutoffs=CUTOFFS):
 
 
 @torch.no_grad()
-def evaluate_buckets(model, batches, bucket_of):
-    """Plain cross-entropy and perplexity over all the positions of `batches` ((X, Y) pairs), and in
-    each frequency bucket; the mean entropy of the predictions; each bucket's share of the positions.
-    bucket_of: (vocab_size,) bucket of every token id (frequency_buckets), a tensor on the device.
-    Overall CE = sum over buckets of share * bucket CE."""
-    n = torch.zeros(len(BUCKETS), dtype=torch.float64)
-    ce_sum = torch.zeros(len(BUCKETS), dtype=torch.float64)
-    entropy_sum = 0.0
+def bucket_sums(model, batches, bucket_of):
+    """What the statistics are made of, summed over all the positions of `batches` ((X, Y) pairs): per
+    frequency bucket the positions and their cross-entropies, then the entropies of all positions, as a
+    float64 tensor on the CPU. Sums add up over batches and over processes.
+    bucket_of: (vocab_size,) bucket of every token id (frequency_buckets), a tensor on the device."""
+    k = len(BUCKETS)
+    sums = torch.zeros(2 * k + 1, dtype=torch.float64)
     for X, Y in batches:
         ce, entropy = model.token_stats(X, Y)
         bucket = bucket_of[Y].flatten()
-        n += torch.bincount(bucket, minlength=len(BUCKETS)).cpu()
-        ce_sum += torch.bincount(bucket, weights=ce.flatten().double(), minlength=len(BUCKETS)).cpu()
-        entropy_sum += entropy.double().sum().item()
-    total = n.sum().item()
-    stats = {"ce": ce_sum.sum().item() / total, "entropy": entropy_sum / total}
-    for k, name in enumerate(BUCKETS):
-        stats[f"ce_{name}"] = ce_sum[k].item() / n[k].item() if n[k] else float("nan")
-        stats[f"share_{name}"] = n[k].item() / total
+        sums[:k] += torch.bincount(bucket, minlength=k).cpu()
+        sums[k:2 * k] += torch.bincount(bucket, weights=ce.flatten().double(), minlength=k).cpu()
+        sums[2 * k] += entropy.double().sum().item()
+    return sums
+
+
+def bucket_stats(sums):
+    """From bucket_sums: plain cross-entropy and perplexity over all the positions and in each frequency
+    bucket, each bucket's share of the positions, and the mean entropy of the predictions.
+    Overall CE = sum over buckets of share * bucket CE."""
+    k = len(BUCKETS)
+    n, ce_sum, total = sums[:k], sums[k:2 * k], sums[:k].sum().item()
+    stats = {"ce": ce_sum.sum().item() / total, "entropy": sums[2 * k].item() / total}
+    for i, name in enumerate(BUCKETS):
+        stats[f"ce_{name}"] = ce_sum[i].item() / n[i].item() if n[i] else float("nan")
+        stats[f"share_{name}"] = n[i].item() / total
     for key in [k for k in stats if k.startswith("ce")]:
         stats["ppl" + key[2:]] = math.exp(min(stats[key], 700.0))  # exp overflows past ~709
     return stats
+
+
+def evaluate_buckets(model, batches, bucket_of):
+    """bucket_stats of batches, in one process."""
+    return bucket_stats(bucket_sums(model, batches, bucket_of))
 
 
 def format_table(rows):
@@ -84,26 +95,21 @@ def format_table(rows):
 
 
 def evaluate_checkpoint(out_dir, eval_iters=None, device="cpu", seed=None):
-    """The bucket statistics of out_dir/ckpt.pt on the fixed validation batches of its train.py run
+    """The bucket statistics of out_dir's checkpoint on the fixed validation batches of its train.py run
     (eval_iters of them; drawn with another seed to put runs of different seeds on the same batches)."""
-    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), "name the directory that holds ckpt.pt "
-                                 "(python evaluate.py DIR)")
-    config = checkpoint["config"]
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
-    model.eval().to(device)
+    model, ckpt = checkpoint.load_model(out_dir, device, "name the directory that holds ckpt.pt (python evaluate.py DIR)")
+    config = ckpt["config"]
     data_dir = dataset_dir(config["dataset"])
     if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
-        sys.exit(f"error: the checkpoint in {out_dir} was trained on {config['dataset']!r}, which is not prepared "
-                 f"here (no {data_dir}/meta.pkl); prepare it as train.py does, then run again")
-    bucket_of = torch.from_numpy(frequency_buckets(train_token_counts(data_dir, checkpoint["meta"]))).to(device)
+        fail(f"the checkpoint in {out_dir} was trained on {config['dataset']!r}, which is not prepared here (no "
+             f"{data_dir}/meta.pkl); prepare it as train.py does, then run again")
+    bucket_of = torch.from_numpy(frequency_buckets(train_token_counts(data_dir, ckpt["meta"]))).to(device)
     batches = []
     for k in range(eval_iters or config["eval_iters"]):
-        w = torch.from_numpy(get_windows(data_dir, "val", config["seed"] if seed is None else seed, None, k, config["batch_size"],
-                                         config["block_size"])).to(device)
+        w = torch.from_numpy(get_windows(data_dir, "val", config["seed"] if seed is None else seed, None, k,
+                                         config["batch_size"], config["block_size"])).to(device)
         batches.append((w[:, :-1], w[:, 1:]))
-    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
-    with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
+    with autocast(device, resolve_dtype("auto", device)):
         return evaluate_buckets(model, batches, bucket_of)
 
 
@@ -116,10 +122,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.eval_iters < 0:
         parser.error("--eval_iters must not be negative")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available() or device == "mps" and not torch.backends.mps.is_available():
-        sys.exit(f"error: device {device} asked for, but this PyTorch does not see it; use --device=cpu")
+    device = resolve_device(args.device)
     rows = [(out_dir, evaluate_checkpoint(out_dir, args.eval_iters, device)) for out_dir in args.out_dirs]
     print(format_table(rows))

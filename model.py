@@ -1,31 +1,24 @@
 """
-A GPT language model in one file, in the spirit of nanoGPT (github.com/karpathy/nanoGPT).
-The training objective (cross-entropy, Focal or MiLe) comes from mile.py and is chosen in the config.
+A GPT language model in one file, in the spirit of nanoGPT (github.com/karpathy/nanoGPT): the GPT-2
+block or the LLaMA block of the MiLe paper's models, the training loss (cross-entropy, Focal or MiLe,
+from mile.py) chosen in the config, and generation with a key/value cache.
 """
 
 import inspect
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from mile import build_loss, choose_loss_path, chunked_loss, default_chunk_size, token_entropy
-
-# torch.compile of the whole model stops at the chunked loss: its loop over chunks stays in Python
-# and its per-chunk math is compiled on its own (compile_loss). torch.compiler.disable would import
-# the compiler (over a second) whenever model.py is imported, by sample.py too; this form of it,
-# torch's own, waits until the first call
-head_chunked_loss = torch._compile._disable_dynamo(chunked_loss)
+from mile import build_loss, chunked_loss, default_chunk_size, token_entropy
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 256  # context length
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    vocab_size: int = 50257  # GPT-2's BPE
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -39,15 +32,14 @@ class GPTConfig:
     rope_theta: float = 10000.0  # llama: base of the rotary frequencies
     norm_eps: float = 1e-5  # epsilon of the LayerNorms / RMSNorms (imported models bring their own)
     gelu_approximate: str = "none"  # gpt2's GELU: "none" (exact), or "tanh" as in OpenAI's GPT-2 weights
-    loss: str = "mile"  # training objective: "ce", "focal" or "mile" (see mile.py)
+    loss: str = "mile"  # the training loss: "ce", "focal" or "mile" (mile.py)
     gamma: float = 1.0  # exponent of the Focal / MiLe weight
     sigma: float = 1.0  # MiLe's offset: w = (sigma + H) ** gamma
-    # the training loss's path (mile.choose_loss_path): True, output layer + loss through mile.chunked_loss,
-    # never the (B, T, V) logits; False, the logits and the readable loss; "auto", the logits on a GPU
-    # when they fit (compiled with the model, the fastest), chunks when they do not and on a CPU
-    chunked_loss: str | bool = "auto"
+    # the training loss's path (train.py picks it, mile.choose_loss_path): "full" makes the (B, T, V) logits
+    # and calls the readable loss; "chunked", mile.chunked_loss, makes loss_chunk_size rows of them at a time
+    loss_path: str = "full"
     loss_chunk_size: int = 0  # rows of logits per chunk; 0: per device (mile.default_chunk_size)
-    compile_loss: bool = False  # torch.compile the per-chunk loss math (fast on GPUs)
+    compiled: bool = False  # the model runs under torch.compile (train.py --compile)
 
 
 def rotate(x, positions, theta=10000.0):
@@ -159,6 +151,11 @@ class GPT(nn.Module):
         if not llama:
             self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
 
+        # under torch.compile the chunked loss stays out of the model's graph: its loop over chunks runs in
+        # Python and its per-chunk math is compiled on its own. (torch.compiler.disable imports the compiler,
+        # 1.9 s on 2 CPU cores: only a model that is compiled anyway asks for it)
+        self.chunked_loss = torch.compiler.disable(chunked_loss) if config.compiled else chunked_loss
+
         self.apply(self._init_weights)
         if not llama:  # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per residual add
             for name, p in self.named_parameters():
@@ -198,24 +195,25 @@ class GPT(nn.Module):
             x = block(x, None if cache is None else cache[i])
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, objective=None, cache=None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss) with targets, the loss being the config's
-        objective unless `objective` names another ("ce", "focal", "mile"); on the chunked path the
-        logits are never made and None comes back in their place. Without targets:
-        (logits (B, 1, V) of the last position, None), all that generation needs; `cache` is
-        generation's key/value cache (see generate)."""
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> (logits (B, T, V), the training loss) with targets; on the chunked path
+        the logits are never made whole and None comes back in their place. Without targets: (logits
+        (B, 1, V) of the last position, None), all that generation needs; `cache` is generation's
+        key/value cache (see generate)."""
         x = self.hidden(idx, cache)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
+        return self.head_loss(x, targets)
+
+    def head_loss(self, x, targets):
+        """(logits or None, loss) of the final hidden states x against targets, on the config's loss path."""
         cfg = self.config
-        objective = objective or cfg.loss
-        path, chunk_size = choose_loss_path(targets.numel(), cfg.vocab_size, x.device, cfg.chunked_loss,
-                                            cfg.loss_chunk_size)
-        if path == "chunked":
-            return None, head_chunked_loss(x, self.lm_head.weight, targets, objective, cfg.gamma, cfg.sigma,
-                                           chunk_size=chunk_size, compiled=cfg.compile_loss)
+        if cfg.loss_path == "chunked":
+            chunk_size = cfg.loss_chunk_size or default_chunk_size(cfg.vocab_size, x.device.type)
+            return None, self.chunked_loss(x, self.lm_head.weight, targets, cfg.loss, cfg.gamma, cfg.sigma,
+                                           chunk_size=chunk_size, compiled=cfg.compiled)
         logits = self.lm_head(x)
-        return logits, build_loss(objective, cfg.gamma, cfg.sigma)(logits, targets)
+        return logits, build_loss(cfg.loss, cfg.gamma, cfg.sigma)(logits, targets)
 
     @torch.no_grad()
     def token_stats(self, idx, targets):
@@ -280,155 +278,3 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
-
-    @classmethod
-    def from_pretrained(cls, name, vocabulary=None, **override):
-        """A GPT with the weights of a Hugging Face GPT-2 or LLaMA model, as nanoGPT's: a hub name
-        (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory (export.py writes those).
-        The shape comes from the weights: `override` sets the other GPTConfig fields (loss, dropout, ...)
-        and may shrink block_size (the first positions) and vocab_size (the first token ids), but a
-        shape field must agree with the weights. `vocabulary`, a {token: id} dict (export.vocabulary),
-        must agree with the model's tokenizer. Whatever cannot load exactly stops with one sentence.
-        Needs transformers (requirements-hf.txt)."""
-        try:
-            import transformers
-            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        except ImportError:
-            sys.exit("error: loading Hugging Face weights needs transformers: pip install -r requirements-hf.txt")
-        transformers.logging.disable_progress_bar()
-
-        def refuse(what):
-            sys.exit(f"error: {name} has {what}, which model.py does not implement; it loads GPT-2 and LLaMA "
-                     f"models without it")
-        try:
-            c = AutoConfig.from_pretrained(name)
-        except Exception as e:  # offline, a typo, a directory without config.json
-            sys.exit(f"error: cannot load {name!r}: it is not a local Hugging Face model directory, and the hub did "
-                     f"not give it either (offline, or no such model: {type(e).__name__}); check the name or path")
-        if c.model_type == "gpt2":
-            if c.activation_function not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-                refuse(f"the activation {c.activation_function}")
-            if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
-                refuse("attention scaled otherwise than by 1/sqrt(head size)")
-            if not c.tie_word_embeddings:
-                refuse("an output layer untied from the token embeddings")
-            shape = dict(arch="gpt2", n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_ffn=c.n_inner or 0,
-                         block_size=c.n_positions, norm_eps=c.layer_norm_epsilon,
-                         gelu_approximate="none" if c.activation_function == "gelu" else "tanh")
-        elif c.model_type == "llama":
-            rope = getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta, **(c.rope_scaling or {})}
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if c.num_key_value_heads != c.num_attention_heads:
-                refuse(f"grouped-query attention ({c.num_key_value_heads} key/value heads for "
-                       f"{c.num_attention_heads} query heads)")
-            if rope_type != "default":
-                refuse(f"rotary embeddings with {rope_type} scaling")
-            if c.attention_bias or c.mlp_bias:
-                refuse("biases in its attention or MLP")
-            if c.hidden_act != "silu":
-                refuse(f"the activation {c.hidden_act}")
-            if getattr(c, "head_dim", None) not in (None, c.hidden_size // c.num_attention_heads):
-                refuse(f"a head size of {c.head_dim}, not hidden_size / num_attention_heads")
-            shape = dict(arch="llama", n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
-                         n_ffn=c.intermediate_size, block_size=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
-                         rope_theta=rope["rope_theta"], bias=False)
-        else:
-            sys.exit(f"error: {name} is a {c.model_type} model; model.py loads gpt2 and llama models only")
-        if vocabulary is not None:  # the tokens the model will be trained on must mean what they meant
-            try:
-                theirs = AutoTokenizer.from_pretrained(name).get_vocab()
-            except Exception as e:
-                sys.exit(f"error: {name} has no tokenizer to check the dataset's vocabulary against "
-                         f"({type(e).__name__}); add the model's tokenizer files to it")
-            wrong = next((t for t, i in vocabulary.items() if theirs.get(t) != i), None)
-            if wrong is not None:
-                sys.exit(f"error: the dataset's vocabulary is not {name}'s: token {wrong!r} is id {vocabulary[wrong]} in "
-                         f"the dataset, {theirs.get(wrong)} in the model; use a dataset made with the model's tokenizer "
-                         f"(GPT-2's BPE: shakespeare, fineweb)")
-
-        sd_hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).state_dict()
-        if shape["arch"] == "gpt2":  # our names are GPT-2's; its Conv1D layers store their weights transposed
-            sd = {k: v.t() if k.endswith(("attn.c_attn.weight", "c_proj.weight", "mlp.c_fc.weight")) else v
-                  for k, v in sd_hf.items() if k.startswith(("transformer.", "lm_head."))}
-            shape["bias"] = any(v.any() for k, v in sd.items() if k.endswith(".bias"))  # all zero: a bias-free export
-        else:  # LLaMA's q, k, v are our fused c_attn; its rotate_half is our rotate: no permutation
-            sd = {"transformer.wte.weight": sd_hf["model.embed_tokens.weight"], "lm_head.weight": sd_hf["lm_head.weight"],
-                  "transformer.ln_f.weight": sd_hf["model.norm.weight"]}  # a tied head becomes an untied copy
-            for i in range(shape["n_layer"]):
-                ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
-                sd[ours + "attn.c_attn.weight"] = torch.cat([sd_hf[hf + f"self_attn.{p}_proj.weight"] for p in "qkv"])
-                sd[ours + "attn.c_proj.weight"] = sd_hf[hf + "self_attn.o_proj.weight"]
-                sd[ours + "mlp.c_gate.weight"] = sd_hf[hf + "mlp.gate_proj.weight"]
-                sd[ours + "mlp.c_fc.weight"] = sd_hf[hf + "mlp.up_proj.weight"]
-                sd[ours + "mlp.c_proj.weight"] = sd_hf[hf + "mlp.down_proj.weight"]
-                sd[ours + "ln_1.weight"] = sd_hf[hf + "input_layernorm.weight"]
-                sd[ours + "ln_2.weight"] = sd_hf[hf + "post_attention_layernorm.weight"]
-        shape["vocab_size"] = sd["lm_head.weight"].size(0)
-
-        def width(n_ffn):
-            return n_ffn or 4 * shape["n_embd"]  # n_ffn 0 means 4 * n_embd
-        shape["n_ffn"] = 0 if width(shape["n_ffn"]) == 4 * shape["n_embd"] else shape["n_ffn"]
-        for key, value in override.items():
-            if key in ("block_size", "vocab_size"):
-                if value > shape[key]:
-                    sys.exit(f"error: {key}={value} is more than the {shape[key]} of {name}; give at most {shape[key]}")
-            elif key in shape and value != shape[key] and not (key == "n_ffn" and width(value) == width(shape[key])):
-                sys.exit(f"error: {key}={value} conflicts with {name}, whose weights have {key}={shape[key]}; "
-                         f"leave {key} out: the weights set it")
-        model = cls(GPTConfig(**{**shape, **override}))
-        V, T = model.config.vocab_size, model.config.block_size
-        crop = {"transformer.wte.weight": V, "lm_head.weight": V, "transformer.wpe.weight": T}
-        model.load_state_dict({k: sd[k][:crop.get(k)] for k in model.state_dict()})
-        return model
-
-
-# -----------------------------------------------------------------------------
-# model FLOPs utilisation: achieved FLOP/s over the device's peak, which we look up rather than
-# assume (nanoGPT hard-codes the A100's 312 TFLOP/s and prints over 100% on an H100)
-
-# dense bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets; matched against the
-# CUDA device name, first match wins, so the more specific names come first
-PEAK_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM and NVL
-    ("H800", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),  # fp16; V100 has no bf16
-    ("T4", 65e12),  # fp16
-]
-
-
-def peak_flops(device_name):
-    """Peak FLOP/s of a CUDA device from its name, or None when it is not in the table."""
-    for key, flops in PEAK_FLOPS:
-        if key in device_name:
-            return flops
-    return None
-
-
-def load_checkpoint(path, elsewhere="point --out_dir at the directory that holds ckpt.pt"):
-    """The dict train.py saved at path, on the CPU, or exit with one sentence saying what is wrong.
-    elsewhere: how the caller's user names another checkpoint directory."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: no checkpoint at {path}; train one first (python train.py), or {elsewhere}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        sys.exit(f"error: {path} is not a readable checkpoint (it may be truncated or corrupt: "
-                 f"{type(e).__name__}); restore a good copy, or train afresh over it with python train.py "
-                 f"--out_dir={os.path.dirname(path) or '.'} --overwrite=True")
-    needed = {"model", "optimizer", "model_args", "config", "iter_num", "best_val_loss", "rng"}
-    if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
-        sys.exit(f"error: {path} is a PyTorch file but not a checkpoint written by train.py")
-    return checkpoint

@@ -26,8 +26,6 @@ eval_interval = 1000
 eval_iters = 50
 log_interval = 10
 compile = True
-# the training loss: the (B, T, V) logits whole and compiled with the model when they fit (counted at
-# 16 bytes a logit, in a quarter of the GPU's memory), else chunks of 2048 rows at V = 50304
-# (mile.choose_loss_path, docs/chunked.md); --chunked_loss=True forces the memory-lean chunks
-chunked_loss = "auto"
-compile_loss = True  # the per-chunk math, when chunks are used
+# the loss path: the (B, T, V) logits whole and compiled with the model when they fit, else chunks
+# (mile.choose_loss_path, docs/chunked.md); --loss_path=chunked forces the memory-lean chunks
+loss_path = "auto"

@@ -19,6 +19,4 @@ lr_decay_iters = 3000
 min_lr = 6e-5
 beta2 = 0.99
 warmup_iters = 100
-compile = True  # a GPU config: compile the model (and with it the loss over the logits)
-chunked_loss = "auto"  # the logits whole when they fit, else chunks (mile.choose_loss_path)
-compile_loss = True  # the per-chunk math, when chunks are used
+compile = True  # a GPU config: compile the model, and with it the loss (docs/chunked.md)

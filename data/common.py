@@ -149,6 +149,48 @@ def read_meta(path):
     return meta
 
 
+AUTO_PREPARE = ("shakespeare_char", "shakespeare")  # small enough for train.py to prepare on the fly
+
+
+def prepare_if_missing(dataset):
+    """Run data/<dataset>/prepare.py for the two small Shakespeare sets when they are not prepared yet; for
+    any other dataset that is not, raise ValueError with one sentence that says what to do."""
+    data_dir = dataset_dir(dataset)
+    if os.path.exists(os.path.join(data_dir, "meta.pkl")):
+        return
+    prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), dataset, "prepare.py")
+    if not os.path.exists(prepare):
+        raise ValueError(f"no dataset {dataset!r}: {data_dir} has no meta.pkl; give a folder in data/ or a path "
+                         f"that holds meta.pkl and the .bin files")
+    if dataset not in AUTO_PREPARE:
+        raise ValueError(f"dataset {dataset!r} is not prepared ({data_dir} has no meta.pkl): run python "
+                         f"{os.path.relpath(prepare)} first (see its docstring)")
+    print(f"dataset {dataset} is not prepared yet: running data/{dataset}/prepare.py")
+    if subprocess.run([sys.executable, prepare]).returncode != 0 or not os.path.exists(os.path.join(data_dir, "meta.pkl")):
+        raise ValueError(f"data/{dataset}/prepare.py failed; see its message above, fix that, and run again")
+
+
+def check_dataset(data_dir, block_size):
+    """The meta of a prepared dataset, once its token files are checked to give windows of block_size + 1
+    tokens in each split. Raises ValueError with one sentence for the user."""
+    meta = read_meta(os.path.join(data_dir, "meta.pkl"))
+    longest = {}  # tokens in the longest file of each split: a window never crosses files
+    for split in ("train", "val"):
+        for path in split_files(data_dir, split):
+            if os.path.getsize(path) % 2:
+                raise ValueError(f"{path} has {os.path.getsize(path)} bytes, not a whole number of 2-byte token ids, "
+                                 f"so it is truncated or no token file; prepare the dataset again")
+        longest[split] = max((os.path.getsize(path) // 2 for path in split_files(data_dir, split)), default=0)
+        if longest[split] < 2:
+            raise ValueError(f"{data_dir} has no {split} split (no file of 2 or more tokens); prepare the dataset again")
+    split = min(longest, key=longest.get)
+    if block_size >= longest[split]:
+        raise ValueError(f"block_size {block_size} is too long for {data_dir}: a window of block_size + 1 tokens must "
+                         f"fit in a file of each split, and the longest {split} file holds {longest[split]}; use "
+                         f"--block_size={longest[split] - 1} or less")
+    return meta
+
+
 def split_files(data_dir, split):
     """The token files of a split: data_dir/{split}.bin, or else its shards data_dir/{split}_*.bin in order."""
     path = os.path.join(data_dir, f"{split}.bin")

@@ -12,8 +12,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from conftest import sum_tolerance  # noqa: E402
 from mile import build_loss, chunked_loss  # noqa: E402
 
+BF16 = torch.finfo(torch.bfloat16).eps
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TINY = ["--device=cuda", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=8",
         "--eval_iters=2", "--warmup_iters=2", "--log_interval=1", "--max_iters=4", "--eval_interval=4"]
@@ -26,7 +28,9 @@ def relative_error(a, b):
 @pytest.mark.parametrize("loss", ["ce", "focal", "mile"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_chunked_matches_readable_under_bf16_autocast(loss, compiled):
-    """float32 parameters, bf16 autocast, as train.py runs on a GPU: value to 1e-4, gradients to 1e-2."""
+    """float32 parameters, bf16 autocast, as train.py runs on a GPU. The two paths make the same bf16 logits
+    up to one bf16 step (another GEMM blocking) and sum the same float32 terms in other orders; the gradients
+    are rounded to bf16 three times on the way (logits' gradient, the products)."""
     torch.manual_seed(0)
     N, d, V = 1000, 256, 5000  # N not a multiple of the chunk size
     hidden = torch.randn(N, d, device="cuda", requires_grad=True)
@@ -40,9 +44,10 @@ def test_chunked_matches_readable_under_bf16_autocast(loss, compiled):
         fast = chunked_loss(hidden, weight, targets, loss=loss, chunk_size=256, compiled=compiled)
     f_hidden, f_weight = torch.autograd.grad(fast, (hidden, weight))
     assert fast.dtype == torch.float32
-    assert fast.item() == pytest.approx(readable.item(), rel=1e-4)
-    assert relative_error(f_hidden, g_hidden) < 1e-2
-    assert relative_error(f_weight, g_weight) < 1e-2
+    tol = sum_tolerance(V + N + d)
+    assert fast.item() == pytest.approx(readable.item(), rel=tol + BF16)
+    assert relative_error(f_hidden, g_hidden) < tol + 3 * BF16
+    assert relative_error(f_weight, g_weight) < tol + 3 * BF16
 
 
 def run(*cmd, env=None):
@@ -53,7 +58,7 @@ def run(*cmd, env=None):
 
 def losses(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return {r["iter"]: r["train_loss"] for r in map(json.loads, f) if "val_loss" not in r}
+        return {r["iter"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +74,10 @@ def test_compiled_training_step_gpt2(trained):
     assert sorted(logged) == [1, 2, 3, 4] and all(map(lambda v: v == v and v < 10, logged.values()))
 
 
-@pytest.mark.parametrize("chunked", ["True", "False"])
-def test_compiled_training_step_llama(tmp_path, chunked):
+@pytest.mark.parametrize("path", ["chunked", "full"])
+def test_compiled_training_step_llama(tmp_path, path):
     run(sys.executable, "train.py", f"--out_dir={tmp_path}", *TINY, "--arch=llama", "--compile=True",
-        f"--chunked_loss={chunked}")
+        f"--loss_path={path}")
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
 
 
@@ -87,8 +92,8 @@ def test_one_nccl_process_equals_plain_run(tmp_path, parallel):
     assert f"on 1 x cuda ({parallel})" in proc.stdout
     plain, dist = losses(tmp_path / "plain"), losses(tmp_path / parallel)
     assert sorted(plain) == sorted(dist)
-    for it in plain:
-        assert dist[it] == pytest.approx(plain[it], rel=1e-4)
+    for it in plain:  # the same matmuls in TF32 (10 bits of mantissa), summed in another order at most
+        assert dist[it] == pytest.approx(plain[it], rel=max(it, 1) * 2.0 ** -10)
 
 
 def test_sample_on_cuda(trained):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from conftest import sum_tolerance  # noqa: E402
 from evaluate import evaluate_buckets, frequency_buckets  # noqa: E402
 from mile import token_entropy  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -49,18 +50,21 @@ def test_bucket_losses_average_back_to_the_overall_loss(chunk):
     bucket_of = torch.from_numpy(frequency_buckets(np.arange(50) ** 2))
     stats = evaluate_buckets(model, batches, bucket_of)
     shares = [stats[f"share_{b}"] for b in ("high", "medium", "low")]
-    assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
-    assert sum(s * stats[f"ce_{b}"] for s, b in zip(shares, ("high", "medium", "low"))) == pytest.approx(stats["ce"], rel=1e-12)
+    f64 = sum_tolerance(3, torch.float64)  # the statistics are float64 sums of three buckets
+    assert sum(shares) == pytest.approx(1.0, rel=f64) and min(shares) > 0
+    assert sum(s * stats[f"ce_{b}"] for s, b in zip(shares, ("high", "medium", "low"))) == pytest.approx(stats["ce"], rel=4 * f64)
     # against the full logits
     with torch.no_grad():
         logits = torch.cat([model.lm_head(model.hidden(X)) for X, _ in batches]).flatten(0, 1)
     Y = torch.cat([Y for _, Y in batches]).flatten()
     ce = F.cross_entropy(logits, Y, reduction="none")
-    assert stats["ce"] == pytest.approx(ce.mean().item(), rel=1e-6)
-    assert stats["ppl"] == pytest.approx(math.exp(stats["ce"]))
-    assert stats["entropy"] == pytest.approx(token_entropy(logits).mean().item(), rel=1e-6)
+    # the same float32 terms (V = 50 a row, 32 features a logit) in chunks, averaged over 192 positions
+    tol = sum_tolerance(2 * 50 + 32 + 192)
+    assert stats["ce"] == pytest.approx(ce.mean().item(), rel=tol)
+    assert stats["ppl"] == pytest.approx(math.exp(stats["ce"]), rel=f64)
+    assert stats["entropy"] == pytest.approx(token_entropy(logits).mean().item(), rel=tol)
     for k, b in enumerate(("high", "medium", "low")):
-        assert stats[f"ce_{b}"] == pytest.approx(ce[bucket_of[Y] == k].mean().item(), rel=1e-6)
+        assert stats[f"ce_{b}"] == pytest.approx(ce[bucket_of[Y] == k].mean().item(), rel=tol)
 
 
 def test_train_logs_the_buckets_and_evaluate_reproduces_them(tmp_path):
@@ -70,11 +74,12 @@ def test_train_logs_the_buckets_and_evaluate_reproduces_them(tmp_path):
                "--batch_size=4", "--max_iters=20", "--eval_interval=10", "--eval_iters=3", "--log_interval=5")
     assert proc.returncode == 0, proc.stderr
     assert "val ce by frequency: high " in proc.stdout
-    evals = [r for r in map(json.loads, open(out / "log.jsonl")) if "val_loss" in r]
+    evals = [r for r in map(json.loads, open(out / "log.jsonl")) if "val_ce" in r]
     assert [r["iter"] for r in evals] == [0, 10, 20]
     last = evals[-1]
-    assert last["val_ce"] == last["val_loss"] and last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
-    assert sum(last[f"val_share_{b}"] * last[f"val_ce_{b}"] for b in ("high", "medium", "low")) == pytest.approx(last["val_ce"])
+    f64 = sum_tolerance(3, torch.float64)
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_ce"]), rel=f64)
+    assert sum(last[f"val_share_{b}"] * last[f"val_ce_{b}"] for b in ("high", "medium", "low")) == pytest.approx(last["val_ce"], rel=4 * f64)
     assert last["val_ce_high"] < last["val_ce_medium"] < last["val_ce_low"]  # rare characters are harder
     assert 0 < last["val_entropy"] < math.log(84)
     # the standalone command on the checkpoint: the same batches, the same figures; more batches differ

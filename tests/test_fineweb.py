@@ -38,7 +38,7 @@ def corpus(tmp_path_factory):
 
 
 def args_for(path, out_dir, *extra):
-    return prepare.parse_args([f"--files={path}", f"--out_dir={out_dir}", f"--shard_size={SHARD}",
+    return prepare.parse_args([f"--files={path}", f"--dataset={out_dir}", f"--shard_size={SHARD}",
                                f"--val_tokens={VAL}", "--workers=2", *extra])
 
 
@@ -47,7 +47,7 @@ def prepared(corpus, tmp_path_factory):
     """The corpus prepared in one go, as a user runs the script."""
     out = tmp_path_factory.mktemp("prepared")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "fineweb", "prepare.py"), f"--files={corpus[0]}",
-                           f"--out_dir={out}", f"--shard_size={SHARD}", f"--val_tokens={VAL}", "--workers=2"],
+                           f"--dataset={out}", f"--shard_size={SHARD}", f"--val_tokens={VAL}", "--workers=2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return str(out)
@@ -159,7 +159,7 @@ def test_streaming_without_datasets_says_what_to_install(monkeypatch):
 def test_too_small_a_corpus_is_one_sentence(tmp_path):
     (tmp_path / "tiny.txt").write_text("a few words\n")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "fineweb", "prepare.py"),
-                           f"--files={tmp_path}/tiny.txt", f"--out_dir={tmp_path}/out", "--workers=1"],
+                           f"--files={tmp_path}/tiny.txt", f"--dataset={tmp_path}/out", "--workers=1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "error: the corpus gave only 4 tokens" in proc.stderr
@@ -191,8 +191,8 @@ def test_train_on_shards_and_evaluate(prepared, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     last = [json.loads(line) for line in open(out / "log.jsonl")][-1]
-    assert 10.0 < last["val_loss"] < 11.5  # about log(50257) at the start: it read GPT-2 tokens
+    assert 10.0 < last["val_ce"] < 11.5  # about log(50257) at the start: it read GPT-2 tokens
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert f"| {out} | {last['val_loss']:.3f} ({last['val_ppl']:.2f}) |" in proc.stdout
+    assert f"| {out} | {last['val_ce']:.3f} ({last['val_ppl']:.2f}) |" in proc.stdout

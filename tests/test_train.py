@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
@@ -51,21 +52,20 @@ def trained(tmp_path_factory):
 
 def test_train_smoke_writes_log_and_checkpoint(trained):
     records = read_log(trained)
-    assert all("iter" in r and "train_loss" in r for r in records)
-    evals = [r for r in records if "val_loss" in r]
-    assert [r["iter"] for r in evals] == [0, 6, 12]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # it learns something
+    steps, evals = [r for r in records if "train_loss" in r], [r for r in records if "val_ce" in r]
+    assert len(steps) + len(evals) == len(records)  # a record is one or the other: no key means two things
+    assert [r["iter"] for r in steps] == [2, 4, 6, 8, 10, 12] and [r["iter"] for r in evals] == [0, 6, 12]
+    assert evals[-1]["val_ce"] < evals[0]["val_ce"]  # it learns something
     assert os.path.exists(os.path.join(trained, "ckpt.pt"))
     assert not os.path.exists(os.path.join(trained, "ckpt.pt.tmp"))
 
 
 @pytest.mark.parametrize("loss", ["ce", "focal"])
-def test_every_objective_trains(tmp_path, loss):
+def test_every_loss_trains(tmp_path, loss):
     proc = train(tmp_path, f"--loss={loss}", "--max_iters=4", "--eval_interval=4")
-    assert f"objective {loss}" in proc.stdout
-    evals = [r for r in read_log(tmp_path) if "val_loss" in r]
-    if loss == "ce":  # the objective is the validation metric itself
-        assert evals[-1]["val_objective"] == pytest.approx(evals[-1]["val_loss"])
+    assert f"loss {loss}" in proc.stdout
+    evals = [r for r in read_log(tmp_path) if "val_ce" in r]
+    assert [r["iter"] for r in evals] == [0, 4] and evals[-1]["val_ce"] < evals[0]["val_ce"]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -75,11 +75,11 @@ def test_resume_continues_exactly(tmp_path):
     # the second half: the same run continued, with the schedule the full run had
     proc = train(part, "--init_from=resume", "--max_iters=12", "--lr_decay_iters=2000")
     assert "resuming from" in proc.stdout and "at iteration 6" in proc.stdout
-    resumed = [r for r in read_log(part) if r["iter"] > 6 and "val_loss" not in r]
+    resumed = [r for r in read_log(part) if r["iter"] > 6 and "train_loss" in r]
     assert [r["iter"] for r in resumed] == [8, 10, 12]
-    straight = {r["iter"]: r["train_loss"] for r in read_log(full) if "val_loss" not in r}
-    for r in resumed:  # the same batches, the same optimizer state: the same losses
-        assert r["train_loss"] == pytest.approx(straight[r["iter"]], rel=1e-5)
+    straight = {r["iter"]: r["train_loss"] for r in read_log(full) if "train_loss" in r}
+    for r in resumed:  # the same batches, the same optimizer state, the same arithmetic: the same losses
+        assert r["train_loss"] == straight[r["iter"]]
 
 
 def test_config_file_and_override(tmp_path):
@@ -90,22 +90,14 @@ def test_config_file_and_override(tmp_path):
     assert config["max_iters"] == 3 and config["loss"] == "focal"  # the flag after the file wins
 
 
-@pytest.mark.parametrize("args, needles", [
+@pytest.mark.parametrize("args, needles", [  # each from the process as a user starts it; more in test_settings.py
     (["--lerning_rate=1e-3"], ["unknown setting 'lerning_rate'", "did you mean learning_rate", "valid keys"]),
-    (["--max_iters=ten"], ["max_iters", "must be of type int"]),
-    (["--compile=maybe"], ["compile", "must be of type bool"]),
-    (["--max_iters"], ["has no value"]),
-    (["--loss=mse"], ["loss must be one of ce, focal, mile"]),
-    (["no_such_config.py"], ["neither a --key=value setting nor a config file"]),
     (["--dataset=no_such_data"], ["no dataset 'no_such_data'"]),
     (["--dataset=fineweb"], ["not prepared", "data/fineweb/prepare.py first"]),
     (["--init_from=resume"], ["no checkpoint at"]),
-    (["--eval_interval=0"], ["eval_interval must be at least 1"]),
-    (["--n_embd=33"], ["n_embd (33) must be a multiple of n_head (2)"]),
-    (["--device=cuda:7"], ["no such CUDA GPU"]),
-    (["--device=tpu"], ["device must be auto, cpu, mps, cuda or cuda:N"]),
+    (["--device=cuda:7"], ["this PyTorch sees no CUDA GPU; use --device=cpu"] if not torch.cuda.is_available() else
+     ["no such CUDA GPU"]),
     (["--dtype=float16", "--device=cpu"], ["float16 on the CPU", "about 20x as long", "use --dtype=float32"]),
-    (["--gamma=-1"], ["gamma must not be negative"]),
 ])
 def test_bad_input_gets_one_sentence(tmp_path, args, needles):
     assert_one_sentence_error(train(tmp_path, *args, check=False), *needles)
@@ -137,7 +129,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, trained):
     # a learning rate this large overflows the weights within a few steps
     proc = train(out, "--init_from=resume", "--max_iters=40", "--learning_rate=1e30", "--grad_clip=0.0",
                  "--warmup_iters=0", check=False)
-    assert_one_sentence_error(proc, "the last good checkpoint", "is kept")
+    assert_one_sentence_error(proc, "the training loss became nan", "the last good checkpoint", "is kept")
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -168,7 +160,11 @@ def test_sample_prompt_from_file_and_greedy(trained, tmp_path):
     (["--start=caf\u00e9"], ["'\u00e9'", "character vocabulary lacks"]),
     (["--start="], ["prompt is empty"]),
     (["--start=FILE:/no/such/file.txt"], ["cannot read the prompt file"]),
-    (["--num_samples=0"], ["num_samples must be at least 1"]),
+    (["--num_samples=0"], ["--num_samples must be at least 1, not 0"]),
+    (["--temperature=nan"], ["--temperature must be a number of at least 0", "not nan"]),
+    (["--temperature=-1"], ["--temperature must be a number of at least 0", "not -1.0"]),
+    (["--top_k=-5"], ["--top_k must not be negative", "not -5"]),
+    (["--hf=out/hf"], ["--hf is now --init_from"]),
 ])
 def test_sample_bad_input(trained, args, needles):
     assert_one_sentence_error(run("sample.py", f"--out_dir={trained}", *args, check=False), *needles)

@@ -3,9 +3,12 @@ A large corpus in shards, GPT-2 BPE: FineWeb-Edu's 10B-token sample by default, 
 dataset with a text field, or local .jsonl / .parquet / .txt files.
 
     python data/fineweb/prepare.py                                # FineWeb-Edu sample-10BT, streamed
-    python data/fineweb/prepare.py --hf=monology/pile-uncopyrighted --hf_name=default --max_tokens=2e9
-    python data/fineweb/prepare.py --files='corpus/*.jsonl' --out_dir=data/mycorpus
+    python data/fineweb/prepare.py --hf_dataset=monology/pile-uncopyrighted --hf_name=default --max_tokens=2e9
+    python data/fineweb/prepare.py --files='corpus/*.jsonl' --dataset=data/mycorpus
     python train.py config/paper_468m.py                          # dataset = "fineweb"
+    python train.py --dataset=data/mycorpus ...
+
+--dataset names the folder as train.py's --dataset does: a name is a folder of data/, a path is itself.
 
 Documents are tokenised in parallel processes, each followed by <|endoftext|>, and written in
 order: the first val_tokens tokens to val_000000.bin, the rest to train_000001.bin, train_000002.bin,
@@ -34,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for common.py
-from common import gpt2_encoding
+from common import dataset_dir, gpt2_encoding
 
 EOT = 50256  # GPT-2's <|endoftext|>
 
@@ -47,14 +50,14 @@ def read_documents(args):
         except ImportError:
             sys.exit("error: streaming from the Hugging Face hub needs the datasets package: pip install datasets "
                      "(or give local .jsonl/.parquet/.txt files with --files)")
-        rows = load_dataset(args.hf, name=args.hf_name, split=args.hf_split, streaming=True)
+        rows = load_dataset(args.hf_dataset, name=args.hf_name, split=args.hf_split, streaming=True)
         return (row[args.text_field] for row in rows if row[args.text_field])
     paths = sorted(p for pattern in args.files for p in glob.glob(pattern))
     if not paths:
         sys.exit(f"error: no file matches {' '.join(args.files)}; give existing .jsonl, .parquet or .txt files")
     for path in paths:
         if not path.endswith((".jsonl", ".parquet", ".txt")):
-            sys.exit(f"error: {path} is not .jsonl, .parquet or .txt; convert it, or load it with --hf")
+            sys.exit(f"error: {path} is not .jsonl, .parquet or .txt; convert it, or load it with --hf_dataset")
     return (doc for path in paths for doc in read_file(path, args) if doc)
 
 
@@ -122,22 +125,22 @@ def shard_name(index):
 
 
 def prepare(args, documents):
-    """Tokenise `documents` into shards in args.out_dir, continuing from progress.json if there is one."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(args.out_dir, "meta.pkl")):
-        print(f"{args.out_dir} is already prepared (meta.pkl exists); delete the folder to prepare it again")
+    """Tokenise `documents` into shards in args.data_dir, continuing from progress.json if there is one."""
+    os.makedirs(args.data_dir, exist_ok=True)
+    if os.path.exists(os.path.join(args.data_dir, "meta.pkl")):
+        print(f"{args.data_dir} is already prepared (meta.pkl exists); delete the folder to prepare it again")
         return
     # what must match for a rerun to continue the same work
-    settings = {k: getattr(args, k) for k in ("hf", "hf_name", "hf_split", "text_field", "files", "txt_split",
+    settings = {k: getattr(args, k) for k in ("hf_dataset", "hf_name", "hf_split", "text_field", "files", "txt_split",
                                               "shard_size", "val_tokens", "max_tokens")}
-    progress_path = os.path.join(args.out_dir, "progress.json")
+    progress_path = os.path.join(args.data_dir, "progress.json")
     # state at a shard boundary: shards written, documents fully written, tokens of the next one written
     state = {"settings": settings, "shards": 0, "docs": 0, "offset": 0, "tokens": 0}
     if os.path.exists(progress_path):
         with open(progress_path) as f:
             saved = json.load(f)
         if saved["settings"] != settings:
-            sys.exit(f"error: {args.out_dir} holds an unfinished preparation with other settings ({saved['settings']}); "
+            sys.exit(f"error: {args.data_dir} holds an unfinished preparation with other settings ({saved['settings']}); "
                      f"run with those to continue, or delete the folder to start over")
         state = saved
         print(f"continuing after shard {state['shards'] - 1}: {state['docs']:,} documents, {state['tokens']:,} tokens done")
@@ -154,7 +157,7 @@ def prepare(args, documents):
     def flush(next_doc, offset):
         """Write the buffer as shard number `shard`, then record where the next shard starts."""
         nonlocal shard, buf, fill
-        write_atomic(os.path.join(args.out_dir, shard_name(shard)), buf[:fill])
+        write_atomic(os.path.join(args.data_dir, shard_name(shard)), buf[:fill])
         state.update(shards=shard + 1, docs=next_doc, offset=offset, tokens=state["tokens"] + fill)
         write_atomic(progress_path, json.dumps(state).encode())
         shard += 1
@@ -195,31 +198,37 @@ def prepare(args, documents):
     # the training split's token counts, for the frequency buckets of evaluate.py
     counts = np.zeros(EOT + 1, dtype=np.int64)
     for index in tqdm(range(1, shard), desc="counting tokens", unit="shard"):
-        counts += np.bincount(np.fromfile(os.path.join(args.out_dir, shard_name(index)), dtype=np.uint16),
+        counts += np.bincount(np.fromfile(os.path.join(args.data_dir, shard_name(index)), dtype=np.uint16),
                               minlength=len(counts))
     # a list, not an array: checkpoints carry the meta, and torch.load(weights_only=True) takes no numpy
     meta = {"vocab_size": EOT + 1, "tokenizer": "gpt2", "train_counts": counts.tolist()}
-    write_atomic(os.path.join(args.out_dir, "meta.pkl"), pickle.dumps(meta))
+    write_atomic(os.path.join(args.data_dir, "meta.pkl"), pickle.dumps(meta))
     os.remove(progress_path)
-    print(f"{args.out_dir}: {args.val_tokens:,} val tokens, {counts.sum():,} train tokens in {shard - 1} shards, "
+    print(f"{args.data_dir}: {args.val_tokens:,} val tokens, {counts.sum():,} train tokens in {shard - 1} shards, "
           f"{doc_index:,} documents")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--hf", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset to stream")
+    parser.add_argument("--hf_dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset to stream")
     parser.add_argument("--hf_name", default="sample-10BT", help="its configuration (subset)")
     parser.add_argument("--hf_split", default="train")
     parser.add_argument("--text_field", default="text", help="the column or JSON key holding the text")
-    parser.add_argument("--files", nargs="+", help="local .jsonl/.parquet/.txt files or globs, instead of --hf")
+    parser.add_argument("--files", nargs="+", help="local .jsonl/.parquet/.txt files or globs, instead of --hf_dataset")
     parser.add_argument("--txt_split", default="line", choices=("line", "paragraph", "file"),
                         help="what a document is in a .txt file (default: a line)")
-    parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--dataset", default="fineweb", help="where the shards go: a folder of data/ (default: "
+                        "fineweb), or a path, as train.py's --dataset")
     parser.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per training shard")
     parser.add_argument("--val_tokens", type=int, default=10_000_000, help="tokens in the val shard")
     parser.add_argument("--max_tokens", type=float, default=0, help="stop after this many tokens; 0 for all")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenising processes")
+    renamed = {"--hf": "--hf_dataset", "--out_dir": "--dataset (a folder of data/ or a path, as train.py's)"}
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.split("=", 1)[0] in renamed:
+            sys.exit(f"error: {arg.split('=', 1)[0]} is now {renamed[arg.split('=', 1)[0]]}")
     args = parser.parse_args(argv)
+    args.data_dir = dataset_dir(args.dataset)
     if args.shard_size < 1 or args.val_tokens < 1 or args.workers < 1 or args.max_tokens < 0:
         parser.error("shard_size, val_tokens and workers must be at least 1, max_tokens not negative")
     return args

@@ -1,0 +1,125 @@
+"""
+Several processes: torchrun starts one per device and sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
+`python train.py` is the same code as the only process. This module starts and ends the process
+group, lets the processes wait for each other and agree, and spreads the model over them (FSDP2 or DDP).
+"""
+
+import os
+import sys
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from system import fail
+
+
+class Processes(NamedTuple):
+    rank: int  # this process among all of them
+    local_rank: int  # this process among those of its machine
+    world_size: int
+    local_world_size: int
+    cpu_group: object = None  # a gloo group for agreeing on stop requests without waiting on a GPU
+
+    @property
+    def distributed(self):
+        return self.world_size > 1 or "RANK" in os.environ
+
+    @property
+    def master(self):
+        """The one process that prints, logs and writes files other than checkpoint shards."""
+        return self.rank == 0
+
+
+def start(device):
+    """Read torchrun's environment and, under torchrun, start the process group (NCCL on CUDA, gloo on
+    the CPU). Returns the Processes and the device this process uses (under torchrun, GPU LOCAL_RANK)."""
+    env = {k: int(os.environ.get(k, d)) for k, d in
+           (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 1))}
+    if "RANK" not in os.environ:
+        return Processes(0, 0, 1, 1), device
+    cuda = device.startswith("cuda")
+    if cuda and env["LOCAL_WORLD_SIZE"] > torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        fail(f"{env['LOCAL_WORLD_SIZE']} processes on this machine, but it has {count} GPUs and each process takes "
+             f"one; start torchrun with --nproc_per_node={count}, or train on the CPU with --device=cpu", local=True)
+    if cuda:
+        device = f"cuda:{env['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    cpu_group = dist.new_group(backend="gloo") if cuda else None
+    return Processes(env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], cpu_group), device
+
+
+def barrier(procs):
+    """Under torchrun, wait for every process; if one stopped at a check instead (it said why), stop too."""
+    if procs.distributed:
+        try:
+            dist.barrier(group=procs.cpu_group)
+        except Exception:  # gloo: "Connection closed by peer"
+            sys.exit(1)
+
+
+def finish(procs):
+    """Leave together: tearing down gloo while a peer is still saving can abort it."""
+    if procs.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def mean(procs, x):
+    """A per-process scalar tensor's mean over all processes, as a float (waits for the device)."""
+    if procs.distributed:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= procs.world_size
+    return x.item()
+
+
+def total(procs, x):
+    """A CPU tensor summed over all processes (through the gloo group: NCCL takes GPU tensors only)."""
+    if procs.distributed:
+        x = x.clone()
+        dist.all_reduce(x, group=procs.cpu_group)
+    return x
+
+
+def any_process(procs, flag):
+    """Whether flag is True in any process: every process must stop after the same step. One process
+    just reads its flag; several agree through a tiny all-reduce on the CPU."""
+    if not procs.distributed:
+        return flag
+    flag = torch.tensor(int(flag))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=procs.cpu_group)
+    return bool(flag)
+
+
+def gather_objects(procs, obj):
+    """[obj of process 0, obj of process 1, ...] in every process."""
+    if not procs.distributed:
+        return [obj]
+    objs = [None] * procs.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def shard(model, procs, parallel):
+    """FSDP2 (parallel="fsdp" under torchrun): split each block's parameters, gradients and optimizer state
+    across the processes, in place; a block's parameters are gathered only while it computes, and the
+    root takes the embeddings and the head. Before the optimizer is made: it must see the shards."""
+    if not (procs.distributed and parallel == "fsdp"):
+        return
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "token_stats")  # evaluation calls it: gather the parameters for it too
+
+
+def wrap(model, procs, parallel, device):
+    """DDP (parallel="ddp" under torchrun): a whole copy of the model in each process, the gradients
+    averaged in backward. Returns the module to call; its parameters stay model's."""
+    if not (procs.distributed and parallel == "ddp"):
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)

@@ -1,0 +1,188 @@
+"""
+Every setting of a training run, with its default and type, in one place. train.py reads them from
+an optional config file (Python that assigns some of them) and then --key=value flags; bench.py,
+plan.py and compare.py read them the same way, so a command means the same run in each.
+"""
+
+import dataclasses
+import difflib
+import os
+import sys
+from ast import literal_eval
+from dataclasses import dataclass
+
+from mile import LOSSES
+from system import fail
+
+
+@dataclass
+class Settings:
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 250  # evaluate every this many iterations, and at the end
+    checkpoint_interval: int = 0  # save a checkpoint every this many iterations; 0: at every evaluation
+    log_interval: int = 50
+    eval_iters: int = 25  # evaluation batches per split and per process
+    eval_only: bool = False  # evaluate once and exit
+    init_from: str = "scratch"  # "scratch", "resume" (from out_dir), or Hugging Face weights: gpt2[-medium|-large|-xl] or a directory
+    overwrite: bool = False  # let a scratch run replace the checkpoint (and log) of an earlier run in out_dir
+    # data
+    dataset: str = "shakespeare_char"  # a folder in data/, or a path, holding meta.pkl and {train,val}.bin or {train,val}_*.bin shards
+    batch_size: int = 12  # sequences per micro-batch, in each process
+    block_size: int = 64  # context length
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step, over all processes
+    # model
+    arch: str = "gpt2"  # "gpt2", or "llama": the paper's block (RMSNorm, SwiGLU, rotary, untied, no biases)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_ffn: int = 0  # MLP hidden width; 0 means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = False
+    # the loss (mile.py)
+    loss: str = "mile"  # "ce", "focal" or "mile"
+    gamma: float = 1.0  # exponent of the Focal / MiLe weight; 1.0 in every run of the paper
+    sigma: float = 1.0  # MiLe: w = (sigma + H) ** gamma
+    loss_path: str = "auto"  # "full": the (B, T, V) logits, then the loss; "chunked": never all the logits at once; "auto" picks (docs/chunked.md)
+    loss_chunk_size: int = 0  # rows of logits per chunk on the chunked path; 0 picks one for the device
+    # AdamW
+    learning_rate: float = 3e-3  # 3x nanoGPT's CPU recipe: a tiny model takes a large step
+    max_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # clip gradients at this norm; 0 disables
+    # learning-rate schedule: linear warm-up, then cosine decay to min_lr
+    decay_lr: bool = True
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000  # usually max_iters
+    min_lr: float = 1e-4
+    # system
+    device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or e.g. "cuda:1"
+    dtype: str = "auto"  # "auto" is bfloat16 on a CUDA GPU that has it, else float32; or float32|bfloat16|float16
+    compile: bool = False  # torch.compile the model (and the chunked loss's per-chunk math): faster steps after a slow first one
+    seed: int = 1337
+    parallel: str = "ddp"  # under torchrun: "ddp" (a model copy per process) or "fsdp" (FSDP2: everything sharded)
+    peak_flops_per_s: float = 0.0  # the denominator of MFU; 0 looks the GPU up in system.PEAK_FLOPS
+
+
+KEYS = [f.name for f in dataclasses.fields(Settings)]
+# settings of the machine and the command, never taken over from a resumed checkpoint
+MACHINE_KEYS = ("out_dir", "init_from", "overwrite", "device", "dtype", "compile", "parallel", "peak_flops_per_s")
+# names of earlier versions: a flag or config key that uses one is told the new name
+RENAMED = {"chunked_loss": ("loss_path", "auto, full or chunked"),
+           "compile_loss": ("compile", "it compiles the model and the chunked loss's per-chunk math together")}
+CHOICES = {"loss": LOSSES, "arch": ("gpt2", "llama"), "loss_path": ("auto", "full", "chunked"),
+           "parallel": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+AT_LEAST_ONE = ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size",
+                "gradient_accumulation_steps", "n_layer", "n_head", "n_embd")
+
+
+def set_value(cfg, key, value, source):
+    """cfg.key = value, or one sentence for the user when the key does not exist or the value is not of
+    the default's type (an int is a fine float; "true"/"false" are bools)."""
+    if key in RENAMED:
+        new, note = RENAMED[key]
+        fail(f"--{key} is now --{new} ({note})" if source.startswith("--") else
+             f"{key} in {source} is now {new} ({note})")
+    if key not in KEYS:
+        close = difflib.get_close_matches(key, KEYS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        fail(f"unknown setting {key!r} in {source}{hint}; the valid keys are: {', '.join(KEYS)}")
+    kind = type(getattr(Settings, key))
+    if kind is bool:
+        value = {"true": True, "false": False}.get(str(value).lower(), value)
+    elif kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        fail(f"{key} in {source} must be of type {kind.__name__} (like {getattr(Settings, key)!r}), not {value!r}")
+    setattr(cfg, key, value)
+
+
+def parse(argv, usage=""):
+    """The settings of a command line: the defaults, then each config file and --key=value flag in order.
+    Returns (settings, the keys set explicitly). -h or --help prints usage and the settings."""
+    cfg, explicit = Settings(), set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage + "\nSettings (--key=value), with their defaults: " +
+                  ", ".join(f"{k}={getattr(Settings, k)!r}" for k in KEYS))
+            sys.exit(0)
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                fail(f"{arg} has no value; write --{key}=VALUE")
+            if type(getattr(Settings, key, None)) is str:
+                value = text  # a string setting takes the text as it is
+            else:
+                try:
+                    value = literal_eval(text)
+                except (ValueError, SyntaxError):
+                    value = text  # not a Python literal: the type check below names it
+            set_value(cfg, key, value, arg)
+            explicit.add(key)
+        elif os.path.isfile(arg):
+            assigned = {}
+            try:
+                exec(open(arg).read(), {}, assigned)
+            except Exception as e:
+                fail(f"config file {arg} does not run: {type(e).__name__}: {e}")
+            for key, value in assigned.items():
+                if not key.startswith("_") and not callable(value) and not isinstance(value, type(sys)):
+                    set_value(cfg, key, value, arg)
+                    explicit.add(key)
+        else:
+            fail(f"{arg!r} is neither a --key=value setting nor a config file")
+    return cfg, explicit
+
+
+def resumed(cfg, saved, explicit):
+    """The settings of a resumed run: those it was saved with (saved, a dict), except the ones given
+    explicitly now and those of the machine and the command. Old names are read as the new ones."""
+    saved = dict(saved)
+    if "chunked_loss" in saved:  # True / False / "auto" before loss_path
+        saved["loss_path"] = {"true": "chunked", "false": "full"}.get(str(saved.pop("chunked_loss")).lower(), "auto")
+    for key, value in saved.items():
+        if key in KEYS and key not in explicit and key not in MACHINE_KEYS:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def check(cfg):
+    """Stop with one sentence if a setting has a value it cannot have."""
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            fail(f"{key} must be one of {', '.join(choices)}, not {getattr(cfg, key)!r}")
+    for key in AT_LEAST_ONE:
+        if getattr(cfg, key) < 1:
+            fail(f"{key} must be at least 1, not {getattr(cfg, key)}")
+    for key in ("checkpoint_interval", "loss_chunk_size", "max_iters", "warmup_iters", "n_ffn"):
+        if getattr(cfg, key) < 0:
+            fail(f"{key} must not be negative, not {getattr(cfg, key)}")
+    if cfg.gamma < 0:
+        fail(f"gamma must not be negative, not {cfg.gamma}: it is the exponent of the loss weight (0 weighs every "
+             f"token alike, the paper uses 1)")
+    if cfg.n_embd % cfg.n_head:
+        fail(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
+    if not 0.0 <= cfg.dropout < 1.0:
+        fail(f"dropout must be at least 0 and below 1, not {cfg.dropout}")
+    return cfg
+
+
+# the fields of a model's shape: a resumed run keeps them, an imported one takes them from the weights
+SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "n_ffn", "block_size", "bias", "vocab_size")
+
+
+def model_args(cfg, vocab_size):
+    """The GPTConfig arguments (model.py) of these settings, for a dataset of vocab_size tokens."""
+    return dict(arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_ffn=cfg.n_ffn,
+                block_size=cfg.block_size, bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout, loss=cfg.loss,
+                gamma=cfg.gamma, sigma=cfg.sigma)
+
+
+def refuse_renamed(argv, renamed):
+    """Stop with one sentence when a command line uses a flag of an earlier version ({old: new})."""
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if old in renamed:
+            fail(f"{old} is now {renamed[old]}")
