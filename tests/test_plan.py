@@ -1,0 +1,109 @@
+"""plan.py: the memory of a training step counted on fake tensors, against what real tensors take, its
+table and verdict, and train.py's warning before a run that will not fit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import plan  # noqa: E402
+import settings  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+GiB = 2 ** 30
+SMALL = dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=64)
+
+
+def real_model(cfg, vocab, path, chunk):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**settings.model_args(cfg, vocab), "loss_path": path, "loss_chunk_size": chunk}))
+
+
+@pytest.mark.parametrize("arch, loss_path", [("gpt2", "chunked"), ("gpt2", "full"), ("llama", "full")])
+def test_fake_tensors_count_what_real_ones_save(arch, loss_path):
+    """The same counting on real tensors of the same shapes gives the very same bytes: the fake step saves
+    what a real one saves, in the same dtypes."""
+    cfg = settings.Settings(arch=arch, loss_path=loss_path, **SMALL)
+    rows, path, chunk = plan.measure(cfg, 84, "cpu", "float32")
+    model = real_model(cfg, 84, path, chunk)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    idx = torch.randint(0, 84, (cfg.batch_size, cfg.block_size))
+    x, activations = plan.saved_for_backward(lambda: model.hidden(idx), params)
+    assert activations == rows["activations"] > 0
+    n = sum(p.numel() for p in model.parameters())
+    assert rows["parameters"] == rows["gradients"] == 4 * n and rows["optimizer"] == 8 * n  # float32, AdamW's two
+    assert rows["peak"] == sum(v for k, v in rows.items() if k != "peak")
+
+
+RSS_SCRIPT = """
+import re, sys
+import torch
+sys.path.insert(0, {root!r})
+import plan, settings
+from model import GPT, GPTConfig
+torch.set_num_threads(1)
+cfg = settings.Settings(**{small!r})
+rows, path, chunk = plan.measure(cfg, 84, "cpu", "float32")
+model = GPT(GPTConfig(**{{**settings.model_args(cfg, 84), "loss_path": path, "loss_chunk_size": chunk}}))
+idx = torch.randint(0, 84, (cfg.batch_size, cfg.block_size))
+rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+before = rss()
+x = model.hidden(idx)
+print(rss() - before, rows["activations"])
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from Linux's /proc")
+def test_activations_are_what_a_real_forward_keeps_resident():
+    """The plan's activations against the memory a real forward pass keeps (resident memory, in a process
+    whose allocator returns every freed block of 64 KiB or more at once): within 10%, the rest being the
+    forward's output and autograd's own bookkeeping."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(root=ROOT, small=SMALL)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    real, planned = map(int, proc.stdout.split())
+    assert planned > 100 * 2 ** 20  # large enough that the allocator's own bytes do not matter
+    assert abs(real - planned) <= 0.10 * planned, (real, planned)
+
+
+def test_memory_warning_says_what_would_fit():
+    cfg = settings.Settings(**SMALL)
+    n = GPT(GPTConfig(**settings.model_args(cfg, 84))).get_num_params(non_embedding=False)
+    rows, _, _ = plan.measure(cfg, 84, "cpu", "float32")
+    warning = plan.memory_warning(cfg, 84, "cpu", "float32", n, memory=rows["peak"] // 2)
+    assert warning.startswith("warning: this run will need about") and "free on this machine" in warning
+    batch = int(warning.split("--batch_size=")[1].split()[0])
+    assert 1 <= batch < cfg.batch_size
+    cfg.batch_size = batch  # and the advice holds
+    assert plan.measure(cfg, 84, "cpu", "float32")[0]["peak"] <= rows["peak"] // 2
+    assert plan.memory_warning(cfg, 84, "cpu", "float32", n, memory=rows["peak"] * 2) is None
+    # the default laptop run: far below an eighth of any machine, so no plan is made at all
+    assert plan.memory_warning(settings.Settings(), 84, "cpu", "float32", 800_000, memory=GiB) is None
+
+
+def run_plan(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "plan.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_plan_command_prints_a_table_and_a_verdict():
+    small = [f"--{k}={v}" for k, v in SMALL.items()] + ["--vocab_size=84"]
+    fits = run_plan(*small, "--gpu_memory_gb=1")
+    assert fits.returncode == 0, fits.stderr
+    table = [line for line in fits.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == [
+        "parameters", "gradients", "optimizer", "activations", "logits", "peak", "memory of the device"]
+    assert fits.stdout.splitlines()[-1].startswith("fits: ")
+    tight = run_plan(*small, "--gpu_memory_gb=0.05")
+    assert tight.returncode == 1 and tight.stdout.splitlines()[-1].startswith("does not fit: ")
+    assert "--batch_size=" in tight.stdout.splitlines()[-1]
+    for args, needle in [(["--gpu_memory_gb=80", "--dataset=no_such_data"], "give --vocab_size"),
+                         (["--vocab_size=84"], "give the memory of one GPU"),
+                         (["--vocab_size=84", "--gpu_memory_gb=lots"], "--gpu_memory_gb must be a number")]:
+        proc = run_plan(*args)
+        assert proc.returncode == 1 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
