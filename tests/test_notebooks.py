@@ -52,7 +52,7 @@ def test_mile_explained_runs():
 def test_bucket_analysis_runs_on_a_comparison(compared, monkeypatch):
     out, _ = compared
     monkeypatch.setenv("NANOMILE_COMPARE_DIR", str(out))  # the kernel inherits the environment
-    monkeypatch.setenv("NANOMILE_EVAL_BATCHES", "3")
+    monkeypatch.setenv("NANOMILE_EVAL_ITERS", "3")
     nb = execute("02_bucket_analysis.ipynb")
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs(nb))
     assert "mile" in text.lower() and sum("image/png" in o.get("data", {}) for o in outputs(nb)) >= 3
