@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from model import GPT
 from system import fail
 
 
@@ -103,16 +104,38 @@ def gather_objects(procs, obj):
     return objs
 
 
-def shard(model, procs, parallel):
+def build(config, procs, parallel, device, seed, dtype):
+    """A new model of config (model.GPTConfig) on device, initialised from seed: built on the meta device
+    (shapes, no memory), sharded under FSDP, then given memory, each process for its own shard alone, and
+    initialised there (GPT.init_weights). No process ever holds the whole model unless it trains it whole."""
+    with torch.device("meta"):
+        model = GPT(config)
+    shard(model, procs, parallel, dtype)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)  # the same whole matrices drawn in every process
+    model.init_weights()
+    return model
+
+
+def casts_weights(procs, parallel, dtype):
+    """Whether FSDP casts the weights to bfloat16 as it gathers them (MixedPrecisionPolicy), in place of
+    autocast, whose bfloat16 copy of each block's weights autograd would keep until backward."""
+    return procs.distributed and parallel == "fsdp" and dtype == "bfloat16"
+
+
+def shard(model, procs, parallel, dtype="float32"):
     """FSDP2 (parallel="fsdp" under torchrun): split each block's parameters, gradients and optimizer state
     across the processes, in place; a block's parameters are gathered only while it computes, and the
-    root takes the embeddings and the head. Before the optimizer is made: it must see the shards."""
+    root takes the embeddings and the head. In bfloat16 they are gathered as bfloat16 and the gradients
+    reduced in float32. Before the optimizer is made: it must see the shards."""
     if not (procs.distributed and parallel == "fsdp"):
         return
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if casts_weights(procs, parallel, dtype) else MixedPrecisionPolicy()
     for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
     register_fsdp_forward_method(model, "token_stats")  # evaluation calls it: gather the parameters for it too
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from mile import build_loss, chunked_loss, default_chunk_size, token_entropy
@@ -40,6 +41,7 @@ class GPTConfig:
     loss_path: str = "full"
     loss_chunk_size: int = 0  # rows of logits per chunk; 0: per device (mile.default_chunk_size)
     compiled: bool = False  # the model runs under torch.compile (train.py --compile)
+    activation_checkpointing: bool = False  # in training, keep each block's input only; backward recomputes the rest
 
 
 def rotate(x, positions, theta=10000.0):
@@ -156,20 +158,45 @@ class GPT(nn.Module):
         # 1.9 s on 2 CPU cores: only a model that is compiled anyway asks for it)
         self.chunked_loss = torch.compiler.disable(chunked_loss) if config.compiled else chunked_loss
 
-        self.apply(self._init_weights)
-        if not llama:  # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), one per residual add
+        self.init_weights()
+
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty (memory for a model built on the meta device, uninitialised: see init_weights),
+        keeping gpt2's tied input and output embeddings one tensor, which it would make two."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.arch == "gpt2":
+            self.transformer.wte.weight = self.lm_head.weight
+        return self
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Draw the initial weights from the global random stream: Linear and Embedding weights normal with
+        std 0.02 (llama: 0.01), GPT-2's residual projections 0.02 / sqrt(2 * n_layer), biases zero, norms one.
+        A model built on the meta device and sharded (distributed.build) is initialised here once its shards
+        have memory: each process draws every whole matrix, in the same order from the same seed, and keeps
+        its own shard of it, so a seed makes the same model on any number of processes."""
+        def shard_of(p):  # the part of parameter p this process holds: a shard under FSDP, else all of it
+            return p.to_local() if hasattr(p, "device_mesh") else p
+
+        def draw(p, std):
+            whole = torch.empty(p.shape, dtype=p.dtype, device=shard_of(p).device).normal_(0.0, std)
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor  # cuts the local shard out, no messages
+                whole = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+            shard_of(p).copy_(shard_of(whole))
+
+        std = 0.01 if self.config.arch == "llama" else 0.02  # llama: std 0.01, as the paper's models
+        for module in self.modules():  # the order of earlier versions, so a seed keeps its model
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                draw(module.weight, std)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                shard_of(module.weight).fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                shard_of(module.bias).zero_()
+        if self.config.arch == "gpt2":  # scale the residual projections by 1/sqrt(2 * n_layer), one per residual add
             for name, p in self.named_parameters():
                 if name.endswith("c_proj.weight"):
-                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        std = 0.01 if self.config.arch == "llama" else 0.02  # llama: std 0.01, as the paper's models
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+                    draw(p, 0.02 / math.sqrt(2 * self.config.n_layer))
 
     def get_num_params(self, non_embedding=True):
         """Parameter count. non_embedding leaves out the tables that are only looked up, as the
@@ -192,7 +219,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i])
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # the block runs again in backward
+            else:
+                x = block(x, None if cache is None else cache[i])
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):

@@ -63,17 +63,20 @@ class Settings:
     compile: bool = False  # torch.compile the model (and the chunked loss's per-chunk math): faster steps after a slow first one
     seed: int = 1337
     parallel: str = "ddp"  # under torchrun: "ddp" (a model copy per process) or "fsdp" (FSDP2: everything sharded)
+    activation_checkpointing: str = "none"  # "full": keep only each block's input for backward and recompute the rest
     peak_flops_per_s: float = 0.0  # the denominator of MFU; 0 looks the GPU up in system.PEAK_FLOPS
 
 
 KEYS = [f.name for f in dataclasses.fields(Settings)]
 # settings of the machine and the command, never taken over from a resumed checkpoint
-MACHINE_KEYS = ("out_dir", "init_from", "overwrite", "device", "dtype", "compile", "parallel", "peak_flops_per_s")
+MACHINE_KEYS = ("out_dir", "init_from", "overwrite", "device", "dtype", "compile", "parallel", "activation_checkpointing",
+                "peak_flops_per_s")
 # names of earlier versions: a flag or config key that uses one is told the new name
 RENAMED = {"chunked_loss": ("loss_path", "auto, full or chunked"),
            "compile_loss": ("compile", "it compiles the model and the chunked loss's per-chunk math together")}
 CHOICES = {"loss": LOSSES, "arch": ("gpt2", "llama"), "loss_path": ("auto", "full", "chunked"),
-           "parallel": ("ddp", "fsdp"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+           "parallel": ("ddp", "fsdp"),
+           "activation_checkpointing": ("none", "full"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 AT_LEAST_ONE = ("eval_interval", "log_interval", "eval_iters", "batch_size", "block_size",
                 "gradient_accumulation_steps", "n_layer", "n_head", "n_embd")
 
@@ -103,6 +106,7 @@ def parse(argv, usage=""):
     """The settings of a command line: the defaults, then each config file and --key=value flag in order.
     Returns (settings, the keys set explicitly). -h or --help prints usage and the settings."""
     cfg, explicit = Settings(), set()
+    batch_size, gradient_accumulation_steps, configured = cfg.batch_size, cfg.gradient_accumulation_steps, None
     for arg in argv:
         if arg in ("-h", "--help"):
             print(usage + "\nSettings (--key=value), with their defaults: " +
@@ -133,7 +137,24 @@ def parse(argv, usage=""):
                     explicit.add(key)
         else:
             fail(f"{arg!r} is neither a --key=value setting nor a config file")
+        if arg.startswith("--batch_size=") and configured is None:
+            configured = (batch_size, gradient_accumulation_steps)
+        batch_size, gradient_accumulation_steps = cfg.batch_size, cfg.gradient_accumulation_steps
+    flags = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+    if configured and "gradient_accumulation_steps" in explicit - flags:  # a config file set the accumulation
+        keep_global_batch(cfg, *configured, "the config")
     return cfg, explicit
+
+
+def keep_global_batch(cfg, batch_size, gradient_accumulation_steps, source):
+    """A new batch_size keeps the sequences per optimizer step that source set (batch_size x
+    gradient_accumulation_steps): the accumulation follows, or one sentence says it cannot."""
+    sequences = batch_size * gradient_accumulation_steps
+    if sequences % cfg.batch_size:
+        fail(f"batch_size={cfg.batch_size} cannot keep the {sequences} sequences an optimizer step of {source} "
+             f"({sequences} is not a multiple of {cfg.batch_size}); choose a divisor of {sequences}, or set "
+             f"gradient_accumulation_steps too")
+    cfg.gradient_accumulation_steps = sequences // cfg.batch_size
 
 
 def resumed(cfg, saved, explicit):
@@ -145,6 +166,8 @@ def resumed(cfg, saved, explicit):
     for key, value in saved.items():
         if key in KEYS and key not in explicit and key not in MACHINE_KEYS:
             setattr(cfg, key, value)
+    if "batch_size" in explicit and "gradient_accumulation_steps" not in explicit and "batch_size" in saved:
+        keep_global_batch(cfg, saved["batch_size"], saved["gradient_accumulation_steps"], "the resumed run")
     return cfg
 
 
@@ -177,7 +200,7 @@ def model_args(cfg, vocab_size):
     """The GPTConfig arguments (model.py) of these settings, for a dataset of vocab_size tokens."""
     return dict(arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_ffn=cfg.n_ffn,
                 block_size=cfg.block_size, bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout, loss=cfg.loss,
-                gamma=cfg.gamma, sigma=cfg.sigma)
+                gamma=cfg.gamma, sigma=cfg.sigma, activation_checkpointing=cfg.activation_checkpointing == "full")
 
 
 def refuse_renamed(argv, renamed):

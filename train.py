@@ -62,9 +62,9 @@ if cfg.gradient_accumulation_steps % procs.world_size:
     fail(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the number of "
          f"processes ({procs.world_size}): each takes an equal share of the micro-batches of a step")
 micro_steps = cfg.gradient_accumulation_steps // procs.world_size  # this process's share of each optimizer step
-ctx = autocast(device, dtype)  # bf16 / fp16 matmuls on a GPU; the loss math stays float32 (mile.py)
+# bf16 / fp16 matmuls on a GPU, the loss math in float32 (mile.py); FSDP casts the weights itself in bf16
+ctx = nullcontext() if distributed.casts_weights(procs, cfg.parallel, dtype) else autocast(device, dtype)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # fp16 needs loss scaling
-torch.manual_seed(cfg.seed)  # the same initial weights in every process
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -119,21 +119,21 @@ if resumed:
     iter_num = resumed["iter_num"]
     if procs.master:
         print(f"resuming from {ckpt_path} at iteration {iter_num}")
-if cfg.init_from in ("scratch", "resume"):
-    model = GPT(GPTConfig(**model_args))
+if cfg.init_from in ("scratch", "resume"):  # each process makes only its own shard under FSDP
+    raw_model = distributed.build(GPTConfig(**model_args), procs, cfg.parallel, device, cfg.seed, dtype)
 else:  # pretrained Hugging Face weights (requirements-hf.txt): the shape is theirs, the rest ours
     import hf
     given = {k: v for k, v in model_args.items() if k not in settings.SHAPE_KEYS or k in explicit}
-    model = hf.from_pretrained(cfg.init_from, hf.vocabulary(meta), **given)
-    model_args = dataclasses.asdict(model.config)
+    raw_model = hf.from_pretrained(cfg.init_from, hf.vocabulary(meta), **given).to(device)
+    model_args = dataclasses.asdict(raw_model.config)
     for key in settings.SHAPE_KEYS:  # the settings saved with the run tell the true shape
         if key != "vocab_size":
             setattr(cfg, key, model_args[key])
+    distributed.shard(raw_model, procs, cfg.parallel, dtype)
     if procs.master:
         print(f"starting from the weights of {cfg.init_from}")
-raw_model = model.to(device)  # the module whose state we save and load: plain, or sharded in place by FSDP
+model = raw_model  # raw_model: the module whose state we save and load, plain or sharded in place by FSDP
 torch.manual_seed(cfg.seed + procs.rank)  # but dropout differs between processes (the data is drawn apart)
-distributed.shard(raw_model, procs, cfg.parallel)
 optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
 if resumed:
     checkpoint.restore_training(resumed, raw_model, optimizer, procs, device)
@@ -147,7 +147,8 @@ model = distributed.wrap(model, procs, cfg.parallel, device)
 if procs.master:
     weights = "" if cfg.loss == "ce" else f" (gamma {cfg.gamma}" + (f", sigma {cfg.sigma})" if cfg.loss == "mile" else ")")
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, loss {cfg.loss}{weights}, on {procs.world_size} x "
-          f"{device_type} ({cfg.parallel if procs.distributed else 'one process'}) in {dtype}; loss path: "
+          f"{device_type} ({cfg.parallel if procs.distributed else 'one process'}) in {dtype}, "
+          f"{cfg.gradient_accumulation_steps * cfg.batch_size} sequences a step; loss path: "
           f"{loss_path}" + (f", {chunk_size} rows a chunk" if loss_path == "chunked" else ""))
 
 # memory: said before the first step when the run will need more than the device has (plan.py)
@@ -261,9 +262,8 @@ while True:
     for micro_step in range(micro_steps):
         last = micro_step == micro_steps - 1
         X, Y = get_batch("train", iter_num, procs.rank * micro_steps + micro_step)
-        if procs.distributed and cfg.parallel == "fsdp":
-            model.set_requires_gradient_sync(last)
-        # DDP averages the gradients over the processes on the last micro-batch only
+        # DDP averages the gradients over the processes on the last micro-batch only; FSDP reduce-scatters
+        # them at every one, so that no process ever holds a whole gradient
         with model.no_sync() if procs.distributed and cfg.parallel == "ddp" and not last else nullcontext():
             with ctx:
                 _, loss = model(X, Y)

@@ -174,6 +174,31 @@ def test_ddp_gradients_follow_the_spec(loss, chunked):
 # train.py under torchrun
 
 
+def _block_weights_kept_for_backward(rank, world, dtype):
+    """How many tensors of a block weight's shape, with memory, autograd keeps after an FSDP forward in bf16:
+    through MixedPrecisionPolicy (dtype="bfloat16", as train.py) or through autocast (dtype="float32")."""
+    import distributed
+    procs = distributed.Processes(rank, rank, world, world)
+    model = distributed.build(GPTConfig(arch="llama", n_layer=2, n_head=2, n_embd=32, n_ffn=96, vocab_size=50,
+                                        block_size=8), procs, "fsdp", "cpu", seed=0, dtype=dtype)
+    shapes = {tuple(p.shape) for block in model.transformer.h for p in block.parameters() if p.dim() == 2}
+    kept = []
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "float32"), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        _, loss = model(idx, idx)
+    held = sum(tuple(t.shape) in shapes and t.untyped_storage().nbytes() > 0 for t in kept)
+    loss.backward()
+    return held
+
+
+def test_fsdp_in_bfloat16_keeps_no_block_weights_for_backward():
+    """FSDP gathers each block's weights in bf16 and frees them after the block's forward, gathering them again
+    for backward; autocast would keep a bf16 copy of every block's weights until backward."""
+    assert run_ranks(_block_weights_kept_for_backward, "bfloat16") == [0, 0]
+    assert min(run_ranks(_block_weights_kept_for_backward, "float32")) >= 2 * 4  # 4 matrices a block
+
+
 # the tiny model's sums: V = 84 logits, 2 x 4 x 32 rows a step, 32 features
 TERMS = 2 * 84 + 2 * 4 * 32 + 32
 
@@ -203,7 +228,7 @@ def test_ce_two_processes_equal_one(tmp_path, path):
 
 def test_fsdp_trains_and_its_checkpoint_loads_in_one_process(tmp_path):
     args = ["--loss=ce", "--gradient_accumulation_steps=2", "--max_iters=6", "--eval_interval=3"]
-    proc = train(tmp_path / "fsdp", *args, "--parallel=fsdp", nproc=2)
+    proc = train(tmp_path / "fsdp", *args, "--parallel=fsdp", "--activation_checkpointing=full", nproc=2)
     assert "on 2 x cpu (fsdp)" in proc.stdout
     train(tmp_path / "one", *args, "--max_iters=9")
     one, fsdp = step_losses(tmp_path / "one"), step_losses(tmp_path / "fsdp")

@@ -90,6 +90,48 @@ def test_generate():
     assert torch.equal(model.generate(idx, 8, temperature=5.0, top_k=1), g1)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_built_on_meta_then_initialised_is_the_model_gpt_builds(arch):
+    """distributed.build makes the model on the meta device and draws its weights once it has memory: the
+    same model GPT(config) draws from the same seed, with each weight from its distribution."""
+    import distributed
+    config = GPTConfig(block_size=16, vocab_size=500, n_layer=4, n_head=2, n_embd=64, arch=arch)
+    one = distributed.Processes(0, 0, 1, 1)
+    built = distributed.build(config, one, "fsdp", "cpu", seed=7, dtype="float32")
+    direct = GPT(config)  # drew its weights after nn.Linear had drawn its own: draw them again from the seed
+    torch.manual_seed(7)
+    direct.init_weights()
+    assert (built.lm_head.weight is built.transformer.wte.weight) == (arch == "gpt2")
+    for (name, p), q in zip(built.named_parameters(), direct.parameters()):
+        assert torch.equal(p, q), name
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            assert torch.all(p == 1), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+        else:  # normal(0, std): the sample's mean and std within 5 standard errors
+            std = 0.01 if arch == "llama" else (0.02 / (2 * 4) ** 0.5 if name.endswith("c_proj.weight") else 0.02)
+            n = p.numel()
+            assert abs(p.mean().item()) < 5 * std / n ** 0.5, name
+            assert abs(p.std().item() - std) < 5 * std / (2 * n) ** 0.5, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_activation_checkpointing_changes_no_number(dropout):
+    """Recomputing each block in backward gives the loss and the gradients of keeping its activations."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny(dropout=dropout, activation_checkpointing=checkpointing).train()
+        torch.manual_seed(1)  # the same dropout masks: checkpoint replays the random stream in the recompute
+        idx = torch.randint(0, 50, (3, 16))
+        _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert torch.equal(loss, loss_ckpt)  # the same forward
+    for g, h in zip(grads, grads_ckpt):  # the same backward, its sums perhaps in another order
+        torch.testing.assert_close(h, g, rtol=0, atol=sum_tolerance(3 * 16 * 50) * g.abs().max().item())
+
+
 def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12

@@ -131,3 +131,22 @@ def test_every_ready_config_is_valid(name):
     cfg, explicit = settings.parse([path])
     settings.check(cfg)
     assert explicit and cfg.out_dir != "out"  # each preset trains into a folder of its own
+
+
+def test_a_smaller_micro_batch_keeps_the_configs_sequences_a_step(capsys, tmp_path):
+    preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "paper_7b.py")
+    cfg, _ = settings.parse([preset])
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps
+    for batch_size in (1, 2, 8):  # the accumulation follows
+        cfg, _ = settings.parse([preset, f"--batch_size={batch_size}"])
+        assert cfg.batch_size * cfg.gradient_accumulation_steps == sequences
+    cfg, _ = settings.parse([preset, "--batch_size=2", "--gradient_accumulation_steps=8"])  # both given: as given
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (2, 8)
+    cfg, _ = settings.parse(["--batch_size=5"])  # no config set the accumulation: the laptop run's 1 stays
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps) == (5, 1)
+    err = refused(capsys, settings.parse, [preset, "--batch_size=3"])
+    assert f"batch_size=3 cannot keep the {sequences} sequences an optimizer step of the config" in err
+    # a resumed run keeps the sequences a step it was saved with
+    saved = {**vars(Settings()), "batch_size": 4, "gradient_accumulation_steps": 6}
+    cfg, explicit = settings.parse(["--batch_size=2"])
+    assert settings.resumed(cfg, saved, explicit).gradient_accumulation_steps == 12
