@@ -6,6 +6,7 @@ group, lets the processes wait for each other and agree, and spreads the model o
 
 import os
 import sys
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -104,16 +105,18 @@ def gather_objects(procs, obj):
     return objs
 
 
-def build(config, procs, parallel, device, seed, dtype):
+def build(config, procs, parallel, device, seed, dtype, within=nullcontext()):
     """A new model of config (model.GPTConfig) on device, initialised from seed: built on the meta device
     (shapes, no memory), sharded under FSDP, then given memory, each process for its own shard alone, and
-    initialised there (GPT.init_weights). No process ever holds the whole model unless it trains it whole."""
+    initialised there (GPT.init_weights). No process ever holds the whole model unless it trains it whole.
+    within: where the memory comes from (plan.py: a FakeTensorMode, which gives shapes and no memory)."""
     with torch.device("meta"):
         model = GPT(config)
     shard(model, procs, parallel, dtype)
-    model.to_empty(device=device)
-    torch.manual_seed(seed)  # the same whole matrices drawn in every process
-    model.init_weights()
+    with within:
+        model.to_empty(device=device)
+        torch.manual_seed(seed)  # the same whole matrices drawn in every process
+        model.init_weights()
     return model
 
 
@@ -145,4 +148,5 @@ def wrap(model, procs, parallel, device):
     if not (procs.distributed and parallel == "ddp"):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+    return DDP(model, device_ids=[procs.local_rank] if device.startswith("cuda") else None,
+               gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second copy of them

@@ -13,6 +13,7 @@ start-up when a run is large enough for the answer to matter. No dataset is need
 comes from the dataset's meta.pkl when it is prepared, else from --vocab_size.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -20,10 +21,11 @@ from contextlib import nullcontext
 
 import torch
 
+import distributed
 import settings
 from data.common import dataset_dir, read_meta
 from mile import FULL_BYTES_PER_LOGIT, choose_loss_path
-from model import GPT, GPTConfig
+from model import GPTConfig
 from system import device_memory, fail
 
 GiB = 2 ** 30
@@ -46,32 +48,76 @@ def saved_for_backward(fn, skip):
     return result, sum(saved.values())
 
 
-def measure(cfg, vocab_size, device_type="cuda", dtype="bfloat16", memory=None):
-    """Bytes one process holds in a training micro-step of these settings, by what holds them, as a dict:
-    parameters, gradients, optimizer, activations, logits and peak. The fake tensors live on the CPU;
-    attention there saves what a GPU's flash attention saves (q, k, v, the output and the log-sum-exp)."""
+def processes(world_size, parallel):
+    """The processes a plan is made for: under FSDP, this one as process 0 of a fake process group of
+    world_size (collectives that send nothing), so that sharding is train.py's own; else one process (DDP
+    keeps a whole copy in every process, so one process tells its memory)."""
+    if world_size == 1 or parallel != "fsdp":
+        return distributed.Processes(0, 0, 1, 1)
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    return distributed.Processes(0, 0, world_size, min(world_size, 8))
+
+
+def measure(cfg, vocab_size, device_type="cuda", dtype="bfloat16", memory=None, world_size=1):
+    """Bytes one of world_size processes holds in a training micro-step of these settings, by what holds
+    them, as a dict: parameters, gradients, optimizer, activations, logits, gathered and peak. The model is
+    train.py's (distributed.build, sharded under FSDP) on fake tensors, which live on the CPU; attention
+    there saves what a GPU's flash attention saves (q, k, v, the output and the log-sum-exp)."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # imports the compiler: only when a plan is made
     n_rows = cfg.batch_size * cfg.block_size
     path, chunk = choose_loss_path(n_rows, vocab_size, device_type, cfg.loss_path, cfg.loss_chunk_size,
                                    budget_bytes=None if memory is None else memory // 4)
     args = {**settings.model_args(cfg, vocab_size), "loss_path": path, "loss_chunk_size": chunk}
-    autocast = nullcontext() if dtype == "float32" else torch.autocast("cpu", dtype=getattr(torch, dtype))
-    with FakeTensorMode():
-        model = GPT(GPTConfig(**args))
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
+    procs = processes(world_size, cfg.parallel)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # the meta model becomes fake tensors in it
+    model = distributed.build(GPTConfig(**args), procs, cfg.parallel, "cpu", cfg.seed, dtype, within=fake)
+    casts = distributed.casts_weights(procs, cfg.parallel, dtype)  # FSDP gathers bf16 weights: no autocast
+    autocast = nullcontext() if dtype == "float32" or casts else torch.autocast("cpu", dtype=getattr(torch, dtype))
+    own = [p.to_local() if hasattr(p, "device_mesh") else p for p in model.parameters()]  # this process's shards
+    weights = 4 * sum(t.numel() for t in own)  # float32
+    saved, phase = {"activations": {}, "logits": {}}, ["activations"]  # the blocks', then the loss path's
+
+    def pack(t):
+        saved[phase[0]][t.untyped_storage()._cdata] = t.untyped_storage()
+        return t
+    with fake:
         idx = torch.randint(0, vocab_size, (cfg.batch_size, cfg.block_size))
-        with autocast:
-            x, activations = saved_for_backward(lambda: model.hidden(idx), params)
-            _, loss_saved = saved_for_backward(lambda: model.head_loss(x, idx), params)
-    n_params = sum(p.numel() for p in model.parameters())
-    weights = 4 * n_params  # float32
+        after_blocks = model.transformer.ln_f.register_forward_hook(lambda *_: phase.__setitem__(0, "logits"))
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(idx, idx)
+            after_blocks.remove()
+            if cfg.activation_checkpointing == "full":  # backward recomputes one block at a time: it holds one's
+                phase[0] = "recomputed"
+                saved["recomputed"] = {}
+                model.transformer.h[0](torch.randn(cfg.batch_size, cfg.block_size, cfg.n_embd, requires_grad=True))
+    # what autograd still holds once the forward is done, less the parameters (counted on their own, and
+    # the root's gathered ones as `gathered`): FSDP has freed each block's gathered weights by then (a
+    # storage of 0 bytes), while autocast's copies are kept
+    held = {t.untyped_storage()._cdata for t in own} | {p.untyped_storage()._cdata for p in model.parameters()}
+    kept = {kind: sum(s.nbytes() for key, s in found.items() if key not in held) for kind, found in saved.items()}
     # the loss path holds at once what it saves for backward and, while it computes, logits of its own:
     # the whole (N, V) on the full path, one chunk on the chunked path
-    logits = loss_saved + (n_rows if path == "full" else chunk) * vocab_size * FULL_BYTES_PER_LOGIT // 4
+    logits = kept["logits"] + (n_rows if path == "full" else chunk) * vocab_size * FULL_BYTES_PER_LOGIT // 4
     rows = {"parameters": weights, "gradients": weights, "optimizer": ADAMW_STATES * weights,
-            "activations": activations, "logits": logits}
+            "activations": kept["activations"] + kept.get("recomputed", 0), "logits": logits, "gathered": gathered(model, procs, cfg, casts)}
     rows["peak"] = sum(rows.values())
     return rows, path, chunk
+
+
+def gathered(model, procs, cfg, casts):
+    """Under FSDP, the whole weights and gradients a process holds for a moment: the root's weights (the
+    embeddings and the head, gathered for the whole step), two blocks' weights (the one computing and the
+    next, gathered ahead) and one block's gradients before they are reduce-scattered, cast to float32."""
+    if not (procs.distributed and cfg.parallel == "fsdp"):
+        return 0
+    size = 2 if casts else 4  # bytes of a gathered weight
+    root = sum(p.numel() for p in {id(p): p for p in (*model.transformer.wte.parameters(), *model.lm_head.parameters(),
+                                                      *model.transformer.ln_f.parameters())}.values())
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    return root * size + 2 * block * size + block * (size + 4)
 
 
 def memory_warning(cfg, vocab_size, device, dtype, n_params, memory=None):
@@ -88,7 +134,7 @@ def memory_warning(cfg, vocab_size, device, dtype, n_params, memory=None):
         return None
     return (f"warning: this run will need about {rows['peak'] / GiB:.1f} GiB at its peak, more than the "
             f"{memory / GiB:.1f} GiB {'this GPU has' if device.startswith('cuda') else 'free on this machine'} "
-            f"(python plan.py with the same settings shows why); {suggest(cfg, rows, memory)}")
+            f"(python plan.py with the same settings shows why); {suggest(cfg, vocab_size, dtype, memory, 1, rows)}")
 
 
 def vocabulary(cfg, given=0):
@@ -114,17 +160,18 @@ def table(rows, memory):
 
 
 def main(argv):
-    own = {"--gpu_memory_gb": 0.0, "--vocab_size": 0}  # plan.py's own flags; the rest are train.py's settings
-    rest = []
+    own = {"--gpu_memory_gb": 0.0, "--vocab_size": 0, "--nnodes": 1, "--nproc_per_node": 1}  # plan.py's own flags
+    rest = []  # train.py's settings
     for arg in argv:
         key, eq, value = arg.partition("=")
         if key in own:
+            kind = type(own[key])
             try:
-                own[key] = type(own[key])(value)
+                own[key] = kind(value)
             except ValueError:
-                fail(f"{key} must be a number, not {value!r}")
-            if own[key] < 0:
-                fail(f"{key} must not be negative, not {value}")
+                fail(f"{key} must be {'a whole number' if kind is int else 'a number'}, not {value!r}")
+            if own[key] < (1 if kind is int and key != "--vocab_size" else 0):
+                fail(f"{key} must be {'at least 1' if key.startswith('--n') else 'positive'}, not {value}")
         else:
             rest.append(arg)
     cfg, _ = settings.parse(rest, __doc__)
@@ -132,26 +179,64 @@ def main(argv):
     memory = int(own["--gpu_memory_gb"] * GiB) or None
     if memory is None:
         fail("give the memory of one GPU, as --gpu_memory_gb=80")
+    world = own["--nnodes"] * own["--nproc_per_node"]
+    if cfg.gradient_accumulation_steps % world:
+        fail(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the number of "
+             f"GPUs ({world}), as train.py requires: each takes an equal share of the micro-batches of a step")
     dtype = "float32" if cfg.dtype == "float32" else "bfloat16"
-    rows, path, chunk = measure(cfg, vocabulary(cfg, own["--vocab_size"]), "cuda", dtype, memory)
-    print(f"{cfg.batch_size} x {cfg.block_size} tokens a micro-batch, {dtype}, loss path {path}"
+    vocab_size = vocabulary(cfg, own["--vocab_size"])
+    rows, path, chunk = measure(cfg, vocab_size, "cuda", dtype, memory, world)
+    print(f"{world} GPU{'s, ' + cfg.parallel if world > 1 else ''}; {cfg.batch_size} x {cfg.block_size} tokens a "
+          f"micro-batch, {dtype}, activation checkpointing {cfg.activation_checkpointing}, loss path {path}"
           + (f" ({chunk} rows a chunk)" if path == "chunked" else ""))
     print(table(rows, memory))
     fits = rows["peak"] <= memory
-    advice = "" if fits else "; " + suggest(cfg, rows, memory)
+    advice = "" if fits else "; " + suggest(cfg, vocab_size, dtype, memory, world, rows)
     print(f"{'fits' if fits else 'does not fit'}: {rows['peak'] / GiB:.1f} GiB at the peak of "
           f"{memory / GiB:.0f} GiB{advice}")
     return 0 if fits else 1
 
 
-def suggest(cfg, rows, memory):
-    """What would fit: a micro-batch small enough for the activations and logits left room for."""
-    fixed = rows["parameters"] + rows["gradients"] + rows["optimizer"]
+def suggest(cfg, vocab_size, dtype, memory, world_size, rows):
+    """What would fit, each measured: on several GPUs, sharding over them (FSDP); then a smaller micro-batch
+    (train.py keeps the sequences a step), or recomputing the activations in backward."""
+    def flags(changes):
+        return " ".join(f"--{k}={v}" for k, v in changes.items())
+
+    base = {}
+    if world_size > 1 and cfg.parallel != "fsdp":
+        base = {"parallel": "fsdp"}
+        rows = measure(dataclasses.replace(cfg, **base), vocab_size, "cuda", dtype, memory, world_size)[0]
+        if rows["peak"] <= memory:
+            return f"{flags(base)} would fit ({rows['peak'] / GiB:.1f} GiB): it shards what DDP copies into every GPU"
+    options = []
+    batch = largest_batch(dataclasses.replace(cfg, **base), rows, memory, world_size)
+    if batch:
+        options.append(flags({**base, "batch_size": batch}))
+    if cfg.activation_checkpointing == "none":
+        recompute = dataclasses.replace(cfg, **base, activation_checkpointing="full")
+        recomputed = measure(recompute, vocab_size, "cuda", dtype, memory, world_size)[0]
+        batch = recompute.batch_size if recomputed["peak"] <= memory else \
+            largest_batch(recompute, recomputed, memory, world_size)
+        if batch:
+            options.append(flags({**base, "activation_checkpointing": "full"}) +
+                           (f" --batch_size={batch}" if batch != cfg.batch_size else ""))
+    if options:
+        return " or ".join(options) + " would fit"
+    if world_size > 1 or cfg.parallel == "fsdp":
+        return "not even one sequence a micro-batch fits: more GPUs would, as FSDP shards the state over them"
+    return "not even one sequence a micro-batch fits: several GPUs would, under torchrun with --parallel=fsdp"
+
+
+def largest_batch(cfg, rows, memory, world_size):
+    """The largest micro-batch below cfg.batch_size that fits, the activations and logits taken to grow with it,
+    and that keeps the sequences a step (a divisor); 0 when none does."""
+    fixed = rows["peak"] - rows["activations"] - rows["logits"]
     per_sequence = (rows["activations"] + rows["logits"]) / cfg.batch_size
-    batch = math.floor((memory - fixed) / per_sequence) if memory > fixed else 0
-    if batch >= 1:
-        return f"--batch_size={batch} would fit"
-    return "the parameters, gradients and optimizer state alone do not fit: shard them over GPUs (--parallel=fsdp)"
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps
+    fitting = math.floor((memory - fixed) / per_sequence) if memory > fixed else 0
+    return max((b for b in range(1, min(fitting, cfg.batch_size - 1) + 1)
+                if sequences % b == 0 and (sequences // b) % world_size == 0), default=0)
 
 
 if __name__ == "__main__":

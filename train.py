@@ -38,7 +38,7 @@ import settings
 from data.common import check_dataset, dataset_dir, get_windows, prepare_if_missing, read_meta, train_token_counts
 from evaluate import BUCKETS, bucket_stats, bucket_sums, frequency_buckets
 from mile import choose_loss_path
-from model import GPT, GPTConfig
+from model import GPTConfig
 from plan import memory_warning
 from system import StopSignals, autocast, fail, peak_flops, resolve_device, resolve_dtype
 
@@ -46,8 +46,7 @@ from system import StopSignals, autocast, fail, peak_flops, resolve_device, reso
 # settings: the defaults of settings.py, then a config file, then --key=value flags (-h lists them); a
 # resumed run continues with the settings it was saved with, except those given here
 cfg, explicit = settings.parse(sys.argv[1:], __doc__)
-ckpt_path = os.path.join(cfg.out_dir, checkpoint.CHECKPOINT)
-resumed = checkpoint.read(ckpt_path) if cfg.init_from == "resume" else None
+resumed = checkpoint.read(cfg.out_dir) if cfg.init_from == "resume" else None  # its newest checkpoint
 if resumed:
     cfg = settings.resumed(cfg, resumed["config"], explicit)
 settings.check(cfg)
@@ -98,10 +97,11 @@ def get_batch(split, step, micro_step):
 # at a time (docs/checkpoints.md)
 if procs.master:
     lock = checkpoint.lock(cfg.out_dir)  # held until this process ends
-    if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.overwrite:
+    if cfg.init_from != "resume" and checkpoint.find(cfg.out_dir) and not cfg.overwrite:
         fail(f"{cfg.out_dir} already holds a checkpoint of an earlier run; continue it with --init_from=resume, train "
              f"into another --out_dir, or start afresh over it with --overwrite=True")
 distributed.barrier(procs)
+checkpoint.check_shared(cfg.out_dir, procs)  # on several machines, all of them must see this out_dir
 
 # -----------------------------------------------------------------------------
 # model and optimizer
@@ -118,7 +118,7 @@ if resumed:
     model_args = {**resumed["model_args"], **model_args}  # and what settings have no key for (rope_theta, ...)
     iter_num = resumed["iter_num"]
     if procs.master:
-        print(f"resuming from {ckpt_path} at iteration {iter_num}")
+        print(f"resuming from {resumed.get('sharded') or checkpoint.find(cfg.out_dir)} at iteration {iter_num}")
 if cfg.init_from in ("scratch", "resume"):  # each process makes only its own shard under FSDP
     raw_model = distributed.build(GPTConfig(**model_args), procs, cfg.parallel, device, cfg.seed, dtype)
 else:  # pretrained Hugging Face weights (requirements-hf.txt): the shape is theirs, the rest ours
@@ -193,12 +193,12 @@ def get_lr(it):
 def stop_unless_finite(value, what):
     """A loss that is NaN or infinite ends the run before it can overwrite the last good checkpoint."""
     if not math.isfinite(value):
-        fail(f"{what} became {value} at iteration {iter_num}; the last good checkpoint {ckpt_path} is kept: lower "
-             f"learning_rate (now {cfg.learning_rate}) or raise warmup_iters, then resume or restart")
+        fail(f"{what} became {value} at iteration {iter_num}; the last good checkpoint in {cfg.out_dir} is kept: "
+             f"lower learning_rate (now {cfg.learning_rate}) or raise warmup_iters, then resume or restart")
 
 
 def save():
-    checkpoint.save_training(ckpt_path, raw_model, optimizer, procs, device, model_args=model_args, meta=meta,
+    return checkpoint.save_training(cfg.out_dir, raw_model, optimizer, procs, device, model_args=model_args, meta=meta,
                              config=dataclasses.asdict(cfg), iter_num=iter_num)
 
 
@@ -213,11 +213,12 @@ def log(record):
 # training loop: every process trains on its own micro-batches; the first process alone prints and logs
 if procs.master:
     if cfg.init_from != "resume":  # a new run: a new log, and no checkpoint of an earlier one (--overwrite)
-        for name in (checkpoint.CHECKPOINT, "log.jsonl"):
-            if os.path.exists(os.path.join(cfg.out_dir, name)):
-                os.remove(os.path.join(cfg.out_dir, name))
+        checkpoint.remove(cfg.out_dir)
+        if os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")):
+            os.remove(os.path.join(cfg.out_dir, "log.jsonl"))
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+saved_at = checkpoint.find(cfg.out_dir)
 first_iter = last_saved = iter_num  # a resumed run does not save again the state it started from
 save_every = cfg.checkpoint_interval or cfg.eval_interval
 progress = tqdm(total=cfg.max_iters, initial=iter_num, unit="it", dynamic_ncols=True,
@@ -248,7 +249,7 @@ while True:
     if iter_num > last_saved and (iter_num % save_every == 0 or iter_num == cfg.max_iters):
         t_save = time.time()
         stop_unless_finite(distributed.mean(procs, train_loss), "the training loss")
-        save()
+        saved_at = save()
         last_saved = iter_num
         t_last += time.time() - t_save
     if iter_num >= cfg.max_iters:
@@ -298,15 +299,15 @@ progress.close()
 if stopping:
     if iter_num > last_saved:
         stop_unless_finite(distributed.mean(procs, train_loss), "the training loss")
-        save()
+        saved_at = save()
     resume = [arg for arg in checkpoint.command_line() if not arg.startswith(("--init_from=", "--overwrite="))]
     if procs.master and (iter_num > first_iter or cfg.init_from == "resume"):
-        print(f"interrupted at iteration {iter_num}: checkpoint in {ckpt_path}; resume with: "
+        print(f"interrupted at iteration {iter_num}: checkpoint in {saved_at}; resume with: "
               f"{shlex.join(resume + ['--init_from=resume'])}")
     elif procs.master:
         print("interrupted before the first step: nothing to save")
 elif procs.master and not cfg.eval_only:
-    saved = f"checkpoint in {ckpt_path}" if iter_num > first_iter else "no step taken, so no checkpoint written"
+    saved = f"checkpoint in {saved_at}" if iter_num > first_iter else "no step taken, so no checkpoint written"
     print(f"done: {iter_num} iterations, val ce {val_ce:.4f}, {time.time() - t_start:.0f} s; {saved}")
 distributed.finish(procs)
 if stopping:

@@ -4,6 +4,8 @@ against one process, and resuming after a kill."""
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,22 +228,46 @@ def test_ce_two_processes_equal_one(tmp_path, path):
         assert sum("train_loss" in line for line in f) == 8
 
 
-def test_fsdp_trains_and_its_checkpoint_loads_in_one_process(tmp_path):
-    args = ["--loss=ce", "--gradient_accumulation_steps=2", "--max_iters=6", "--eval_interval=3"]
+def test_fsdp_checkpoint_is_sharded_and_resumes_on_any_number_of_processes(tmp_path):
+    """Two FSDP processes (activations recomputed in backward) train as one process does from the same seed;
+    each writes its own shard, and the sharded checkpoint loads in one process (sampling, training on) and
+    in three."""
+    args = ["--loss=ce", "--gradient_accumulation_steps=6", "--max_iters=6", "--eval_interval=3"]
     proc = train(tmp_path / "fsdp", *args, "--parallel=fsdp", "--activation_checkpointing=full", nproc=2)
     assert "on 2 x cpu (fsdp)" in proc.stdout
     train(tmp_path / "one", *args, "--max_iters=9")
     one, fsdp = step_losses(tmp_path / "one"), step_losses(tmp_path / "fsdp")
     for it in fsdp:  # sharding changes nothing but the order of some sums
         assert fsdp[it] == pytest.approx(one[it], rel=steps_tolerance(it, TERMS))
-    # saved by 2 processes, loaded by 1: sampling, and training on
+    # the checkpoint: a folder of two shards, each process's own, and `latest` naming it
+    folder = tmp_path / "fsdp" / "ckpt-6"
+    assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "training.pt"]
+    assert (tmp_path / "fsdp" / "latest").read_text() == "ckpt-6\n"
+    assert not (tmp_path / "fsdp" / "ckpt-3").exists() and not (tmp_path / "fsdp" / "ckpt.pt").exists()
+    import checkpoint
+    with open(folder / ".metadata", "rb") as f:
+        index = checkpoint._Metadata(f).load()  # which file holds each piece of each tensor
+    for name in ("model.transformer.h.0.mlp.c_fc.weight", "optimizer.state.transformer.h.0.mlp.c_fc.weight.exp_avg"):
+        pieces = {info.relative_path for key, info in index.storage_data.items() if key.fqn == name}
+        assert pieces == {"__0_0.distcp", "__1_0.distcp"}, name  # half in each process's file
+    # saved by 2 processes, sampled from in 1
     sample = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path / 'fsdp'}",
                              "--num_samples=1", "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True)
     assert sample.returncode == 0, sample.stderr
+    # resumed in 3 processes, past a folder that a save killed at iteration 9 left half written
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "three")
+    (tmp_path / "three" / "ckpt-9").mkdir()
+    (tmp_path / "three" / "ckpt-9" / "__0_0.distcp").write_bytes(b"half a shard")
+    train(tmp_path / "three", *args, "--parallel=fsdp", "--init_from=resume", "--max_iters=9", nproc=3)
+    assert (tmp_path / "three" / "latest").read_text() == "ckpt-9\n"
+    assert sorted(os.listdir(tmp_path / "three" / "ckpt-9"))[1:4] == ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+    # and in 1, which writes ckpt.pt and removes the sharded checkpoint it no longer needs
     train(tmp_path / "fsdp", *args, "--init_from=resume", "--max_iters=9")
-    resumed = step_losses(tmp_path / "fsdp")
-    for it in (7, 8, 9):
-        assert resumed[it] == pytest.approx(one[it], rel=steps_tolerance(it, TERMS))
+    assert (tmp_path / "fsdp" / "ckpt.pt").exists() and not (tmp_path / "fsdp" / "latest").exists()
+    for run in ("three", "fsdp"):
+        resumed = step_losses(tmp_path / run)
+        for it in (7, 8, 9):
+            assert resumed[it] == pytest.approx(one[it], rel=steps_tolerance(it, TERMS)), (run, it)
 
 
 def test_accumulation_steps_must_split_evenly(tmp_path):
@@ -276,3 +302,27 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path):
     assert sorted(resumed) == sorted(straight) == list(range(1, 121))
     for it in straight:  # the same process count, the same arithmetic: the very same numbers
         assert resumed[it] == straight[it], it
+
+
+def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path):
+    """How clusters preempt: SIGTERM to torchrun, which passes it to every process; they finish the step under
+    way, save, and the first one prints the command that resumes. Checkpoints came every checkpoint_interval
+    steps before that, apart from the evaluations."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, "--loss=ce", "--gradient_accumulation_steps=2",
+           "--parallel=fsdp", "--max_iters=100000", "--eval_interval=100000", "--checkpoint_interval=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "TMPDIR": str(tmp_path)})
+    deadline = time.time() + 300
+    while last_logged(out) < 5:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    by_interval = (out / "latest").read_text().strip()
+    assert re.fullmatch(r"ckpt-\d*[02468]", by_interval)  # saved at an even step, with no evaluation since 0
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped_at = last_logged(out)
+    assert f"interrupted at iteration {stopped_at}: checkpoint in {out / f'ckpt-{stopped_at}'}" in stdout, stdout + stderr
+    assert "--init_from=resume" in stdout and "torch.distributed.run --standalone --nproc_per_node=2" in stdout
+    assert (out / "latest").read_text() == f"ckpt-{stopped_at}\n"

@@ -101,7 +101,11 @@ def step_losses(out_dir):
 
 
 def ckpt_iter(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["iter_num"]
+    """The iteration of out_dir's checkpoint: ckpt.pt of one process, or the sharded folder of several."""
+    latest = os.path.join(out_dir, "latest")
+    path = os.path.join(out_dir, open(latest).read().strip(), "training.pt") if os.path.exists(latest) else \
+        os.path.join(out_dir, "ckpt.pt")
+    return torch.load(path, weights_only=True)["iter_num"]
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +173,41 @@ def test_checkpoint_that_asks_to_run_code_is_refused(tmp_path, trained_tiny):
                  train(tmp_path / "out", "--init_from=resume", check=False)):
         assert_one_sentence_error(proc, "was refused: it asks to import posix.system when loaded, which could run code")
     assert not marker.exists()
+
+
+def sharded_copy(trained, out):
+    """The checkpoint of trained as torch.distributed.checkpoint writes it under torchrun (one process here),
+    in out: a folder of shards, the rest in training.pt beside them, and `latest` naming the folder."""
+    import torch.distributed.checkpoint as dcp
+    ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
+    folder = out / f"ckpt-{ckpt['iter_num']}"
+    dcp.save({"model": ckpt.pop("model"), "optimizer": ckpt.pop("optimizer")}, checkpoint_id=folder, no_dist=True)
+    torch.save(ckpt, folder / "training.pt")
+    (out / "latest").write_text(folder.name + "\n")
+    return folder
+
+
+def test_sharded_checkpoint_that_asks_to_run_code_is_refused(tmp_path, trained_tiny):
+    """torch.distributed.checkpoint reads a folder's index and its values that are not tensors with pickle:
+    here a crafted index, or a crafted value, is refused as such, never run; a missing shard is one sentence."""
+    import checkpoint
+    import torch.distributed.checkpoint as dcp
+    marker = tmp_path / "marker"
+    folder = sharded_copy(trained_tiny, tmp_path / "good")
+    good = run("sample.py", f"--out_dir={tmp_path / 'good'}", "--start=a", "--max_new_tokens=3")  # as written
+    assert good.returncode == 0 and "Warning" not in good.stderr, good.stderr
+    folder = sharded_copy(trained_tiny, tmp_path / "index")
+    (folder / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
+    assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path / 'index'}", check=False),
+                              "was refused: it asks to import posix.system when loaded, which could run code")
+    dcp.save({"x": Evil(marker)}, checkpoint_id=tmp_path / "value", no_dist=True)
+    with pytest.raises(SystemExit):
+        checkpoint.load_sharded({"x": None}, str(tmp_path / "value"))
+    assert not marker.exists()
+    folder = sharded_copy(trained_tiny, tmp_path / "torn")
+    os.remove(folder / "__0_0.distcp")
+    assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path / 'torn'}", check=False),
+                              "could not be loaded (FileNotFoundError")
 
 
 def test_checkpoint_without_its_dataset_meta_is_one_sentence(tmp_path, trained_tiny):
