@@ -1,10 +1,12 @@
 """
-Whether a training run fits in a device's memory, found out before any memory is spent: one process's
-model is built with fake tensors (shapes, no storage), one training micro-step runs on them, and what
-it holds is counted: parameters, gradients, optimizer state, the activations autograd saves for
-backward, and the logits of the loss path. Any train.py setting may follow, as train.py reads them.
+Whether a training run fits in a GPU's memory, found out before any memory is spent: one process's
+model is built with train.py's own code (meta device, FSDP sharding under a fake process group of the
+run's size) as fake tensors (shapes, no storage), one training micro-step runs on them, and what the
+process holds is counted: parameters, gradients, optimizer state, the activations autograd saves for
+backward, the logits of the loss path, and under FSDP the weights and gradients gathered for a
+moment. Any train.py setting may follow, as train.py reads them.
 
-    python plan.py config/gpt2_124m.py --gpu_memory_gb=80
+    python plan.py config/paper_7b.py --nnodes=2 --nproc_per_node=8 --gpu_memory_gb=80
     python plan.py config/gpt2_124m.py --gpu_memory_gb=24 --batch_size=4
 
 It prints a table per GPU and a last line that says `fits` or `does not fit` with the peak in GiB and

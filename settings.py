@@ -185,6 +185,9 @@ def check(cfg):
     if cfg.gamma < 0:
         fail(f"gamma must not be negative, not {cfg.gamma}: it is the exponent of the loss weight (0 weighs every "
              f"token alike, the paper uses 1)")
+    if cfg.parallel == "fsdp" and cfg.dtype == "float16":
+        fail("--parallel=fsdp trains in bfloat16 or float32 here: float16 would need a sharded gradient scaler; "
+             "use --dtype=bfloat16")
     if cfg.n_embd % cfg.n_head:
         fail(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
     if not 0.0 <= cfg.dropout < 1.0:

@@ -151,8 +151,9 @@ if procs.master:
           f"{cfg.gradient_accumulation_steps * cfg.batch_size} sequences a step; loss path: "
           f"{loss_path}" + (f", {chunk_size} rows a chunk" if loss_path == "chunked" else ""))
 
-# memory: said before the first step when the run will need more than the device has (plan.py)
-if not procs.distributed:
+# memory: said before the first step when the run will need more than the device has (plan.py; under FSDP the
+# plan needs a process group of its own: python plan.py --nnodes=... --nproc_per_node=... before the run)
+if procs.master and not (procs.distributed and cfg.parallel == "fsdp"):
     warning = memory_warning(cfg, meta["vocab_size"], device, dtype, raw_model.get_num_params(non_embedding=False))
     if warning:
         print(warning, file=sys.stderr)
@@ -287,10 +288,13 @@ while True:
         dt = (time.time() - t_last) / iters_since_log
         tokens_per_s = tokens_per_iter / dt
         mfu = raw_model.flops_per_token() * tokens_per_s / (peak * procs.world_size) if peak else None
+        memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device_type == "cuda" else None  # plan.py's peak
         if procs.master:
             progress.write(f"iter {iter_num}: {cfg.loss} {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/it, "
-                           f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a"))
-            log({"iter": iter_num, "train_loss": lossf, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+                           f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a")
+                           + (f", {memory:.1f} GiB at the peak" if memory else ""))
+            log({"iter": iter_num, "train_loss": lossf, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                 "peak_memory_gib": memory})
         t_last, iters_since_log = time.time(), 0
 progress.close()
 

@@ -1,7 +1,8 @@
 # The paper's 1.2B model and optimizer settings (Su et al. 2024): LLaMA block,
 # d_model 2048, 16 layers, 8 heads, FFN 8192, context 1024, global batch 1024 sequences, 100000 optimizer steps,
 # AdamW 3e-4 (0.9, 0.95), weight decay 0.1 (not on norms), clip 1.0, cosine to 0 after 1000 warm-up steps, bf16.
-# The global batch is reached through gradient accumulation over all GPUs (a multiple of their number):
+# The global batch is reached through gradient accumulation over all GPUs (a multiple of their number; a
+# --batch_size flag keeps the sequences a step). DDP fits 8 x 80 GB (python plan.py, docs/distributed.md):
 #     torchrun --standalone --nproc_per_node=8 train.py config/paper_1b.py [--loss=ce|focal|mile]
 # The paper trained on the Pile with the LLaMA tokenizer (vocab 32000); here the corpus is FineWeb-Edu (or the Pile,
 # or local files) with GPT-2's BPE (vocab 50257), prepared first with data/fineweb/prepare.py (see its docstring).

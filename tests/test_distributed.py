@@ -326,3 +326,22 @@ def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path
     assert f"interrupted at iteration {stopped_at}: checkpoint in {out / f'ckpt-{stopped_at}'}" in stdout, stdout + stderr
     assert "--init_from=resume" in stdout and "torch.distributed.run --standalone --nproc_per_node=2" in stdout
     assert (out / "latest").read_text() == f"ckpt-{stopped_at}\n"
+
+
+def _check_shared(rank, world, folders):
+    import checkpoint
+    import distributed
+    try:
+        checkpoint.check_shared(folders[rank], distributed.Processes(rank, rank, world, world))
+        return 0
+    except SystemExit as e:
+        return e.code
+
+
+def test_every_process_must_see_the_out_dir_of_process_0(tmp_path):
+    """On several machines out_dir must be one shared folder: here process 1 sees another folder, as a
+    machine with a local disk would, and both processes stop before anything is written."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_ranks(_check_shared, [str(tmp_path / "a")] * 2) == [0, 0]
+    assert run_ranks(_check_shared, [str(tmp_path / "a"), str(tmp_path / "b")]) == [1, 1]
