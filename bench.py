@@ -27,6 +27,7 @@ The floor is 6 N d V FLOPs (the three matmuls) at the device's peak (model.PEAK_
     python bench.py --train                                  # ms/step of train.py's 124M for CE and MiLe
     python bench.py --train --tiny                           # the same on a tiny model (seconds, any device)
     python bench.py --gpu_all --out=bench-gpu.md             # the whole GPU table: both head shapes, then --train
+    python bench.py --logits                                 # the loss alone over given logits: CE, Focal, MiLe compiled
 
 --train runs train.py (config/gpt2_124m.py, 16 x 1024 tokens a micro-batch, 4 of them a step, 30
 steps, compiled) once per loss (ce, mile) and path (--loss_path=full, chunked), each in its own
@@ -283,6 +284,62 @@ def train_table(base_args, emit, losses=("ce", "mile")):
 
 
 # -----------------------------------------------------------------------------
+# the loss alone, over given logits
+
+LOGITS_SHAPES = [(2048, 50304, "bfloat16"), (2048, 8192, "float32")]
+LOGITS_CASES = ("CE compiled", "Focal compiled", "MiLe compiled")
+
+
+def loss_fn(case):
+    """fn(logits, targets) -> loss, torch.compile'd: PyTorch's cross-entropy, or the readable loss of mile.py."""
+    import torch
+    import torch.nn.functional as F
+
+    import mile
+    if case == "CE compiled":
+        return torch.compile(lambda z, y: F.cross_entropy(z.float(), y))
+    return torch.compile(mile.build_loss("focal" if case.startswith("Focal") else "mile"))
+
+
+def loops_over_v(code, V):
+    """How many loops over the vocabulary the C++ of inductor's forward kernels runs: each `for` whose bound
+    is V (or V split into vector lanes), counted once per loop nest."""
+    bounds = {str(V)} | {str(V // lanes) for lanes in (8, 16, 32, 64) if V % lanes == 0}
+    return sum(1 for m in re.finditer(r"for\(int64_t (\w+)=static_cast<int64_t>\(0L\); \1<static_cast<int64_t>\((\d+)L\)",
+                                      code) if m.group(2) in bounds)
+
+
+def logits_table(emit, repeats):
+    """Forward + backward of each loss over the same logits, the cases taking turns run by run; the medians,
+    their ratio to compiled cross-entropy, and the loops over V of each compiled forward."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    emit("| N | V | dtype | case | time (ms) | x CE | forward loops over V |")
+    emit("|---|---|---|---|---|---|---|")
+    for N, V, dtype in LOGITS_SHAPES:
+        torch.manual_seed(0)
+        logits = torch.randn(N, V, dtype=getattr(torch, dtype)).requires_grad_(True)
+        targets = torch.randint(0, V, (N,))
+        fns, loops, times = {}, {}, {case: [] for case in LOGITS_CASES}
+        for case in LOGITS_CASES:
+            torch._dynamo.reset()
+            fns[case] = loss_fn(case)
+            _, code = run_and_get_code(lambda: fns[case](logits, targets))  # compiles the forward: its code
+            loops[case] = loops_over_v("\n".join(code), V)
+            fns[case](logits, targets).backward()  # compiles the backward
+        for _ in range(repeats):
+            for case in LOGITS_CASES:  # in turns, so that the machine's moods fall on every case alike
+                logits.grad = None
+                t0 = time.perf_counter()
+                fns[case](logits, targets).backward()
+                times[case].append(time.perf_counter() - t0)
+        ce = statistics.median(times["CE compiled"])
+        for case in LOGITS_CASES:
+            t = statistics.median(times[case])
+            emit(f"| {N} | {V} | {dtype} | {case} | {t * 1000:.1f} | {t / ce:.2f} | {loops[case]} |")
+
+
+# -----------------------------------------------------------------------------
 
 
 def main():
@@ -298,6 +355,7 @@ def main():
     parser.add_argument("--train", action="store_true", help="ms/step of train.py's 124M step instead (see above)")
     parser.add_argument("--tiny", action="store_true", help="with --train: a tiny model, not the 124M")
     parser.add_argument("--loss", default="ce,mile", help="with --train: the losses, comma-separated")
+    parser.add_argument("--logits", action="store_true", help="the loss alone over given logits, compiled: CE, Focal, MiLe")
     parser.add_argument("--gpu_all", action="store_true", help="head + loss at GPT-2 124M's and the 6.7B preset's head shapes, then --train")
     parser.add_argument("--out", default="", help="also append the tables to this Markdown file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -332,6 +390,10 @@ def main():
     peak = args.peak or None
     emit(f"\n# {time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, median of {repeats} runs, "
          + (f"floor at {peak / 1e12:.0f} TFLOP/s\n" if peak else "no peak FLOP/s for a floor\n"))
+    if args.logits:
+        emit("The loss alone over given logits (N, V), forward and backward, each compiled:\n")
+        logits_table(emit, args.repeats or 9)
+        return
     if args.train:
         base = ([*TRAIN_TINY, "--compile=False"] if args.tiny else TRAIN_124M) + train_args
         emit(f"train.py {' '.join(base)}, per loss and path:\n")

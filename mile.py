@@ -303,12 +303,14 @@ class ChunkedHeadLoss(torch.autograd.Function):
 
 
 def chunked_loss(hidden, weight, targets, loss="mile", gamma=1.0, sigma=1.0, ignore_index=-1,
-                 chunk_size=DEFAULT_CHUNK_SIZE, compiled=True):
+                 chunk_size=DEFAULT_CHUNK_SIZE, compiled=True, vocab_size=None):
     """The loss of the logits hidden @ weight.T, as ce, focal or mile (same semantics as the
     readable losses), computed chunk_size rows at a time. hidden (..., d), weight (V, d), targets (...).
-    compiled: run the per-chunk math through torch.compile (falls back to eager where it fails)."""
+    compiled: run the per-chunk math through torch.compile (falls back to eager where it fails).
+    vocab_size: the logits are the first vocab_size columns only, the rest of weight's rows padding."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    weight = weight[:vocab_size]  # a view, no copy; the padding's rows get no gradient
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedHeadLoss.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), loss,
                                  float(gamma), float(sigma), ignore_index, chunk_size, compiled, need_grad)

@@ -19,7 +19,10 @@ from mile import build_loss, chunked_loss, default_chunk_size, token_entropy
 @dataclass
 class GPTConfig:
     block_size: int = 256  # context length
-    vocab_size: int = 50257  # GPT-2's BPE
+    vocab_size: int = 50257  # GPT-2's BPE: the token ids the model predicts
+    # rows of the embedding and output tables; those past vocab_size are padding, which keeps the head's
+    # matmul a multiple of 64 wide (nanoGPT's 50304) and never enters a softmax. 0: no padding
+    padded_vocab_size: int = 0
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -143,13 +146,13 @@ class GPT(nn.Module):
         self.config = config
         llama = config.arch == "llama"
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wte=nn.Embedding(config.padded_vocab_size or config.vocab_size, config.n_embd),  # token embeddings
             wpe=None if llama else nn.Embedding(config.block_size, config.n_embd),  # learned positions
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=Norm(config),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size or config.vocab_size, bias=False)
         if not llama:
             self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
 
@@ -232,8 +235,12 @@ class GPT(nn.Module):
         key/value cache (see generate)."""
         x = self.hidden(idx, cache)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.logits(x[:, [-1], :]), None
         return self.head_loss(x, targets)
+
+    def logits(self, x):
+        """The logits of hidden states x over the vocabulary: lm_head's output without its padded columns."""
+        return self.lm_head(x)[..., :self.config.vocab_size]
 
     def head_loss(self, x, targets):
         """(logits or None, loss) of the final hidden states x against targets, on the config's loss path."""
@@ -241,8 +248,8 @@ class GPT(nn.Module):
         if cfg.loss_path == "chunked":
             chunk_size = cfg.loss_chunk_size or default_chunk_size(cfg.vocab_size, x.device.type)
             return None, self.chunked_loss(x, self.lm_head.weight, targets, cfg.loss, cfg.gamma, cfg.sigma,
-                                           chunk_size=chunk_size, compiled=cfg.compiled)
-        logits = self.lm_head(x)
+                                           chunk_size=chunk_size, compiled=cfg.compiled, vocab_size=cfg.vocab_size)
+        logits = self.logits(x)
         return logits, build_loss(cfg.loss, cfg.gamma, cfg.sigma)(logits, targets)
 
     @torch.no_grad()
@@ -254,7 +261,7 @@ class GPT(nn.Module):
         ce, entropy = [], []
         step = self.config.loss_chunk_size or default_chunk_size(self.config.vocab_size, x.device.type)
         for i in range(0, len(y), step):
-            logits = self.lm_head(x[i:i + step]).float()
+            logits = self.logits(x[i:i + step]).float()
             ce.append(F.cross_entropy(logits, y[i:i + len(logits)], reduction="none"))
             entropy.append(token_entropy(logits))
         return torch.cat(ce).view_as(targets), torch.cat(entropy).view_as(targets)

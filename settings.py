@@ -196,13 +196,22 @@ def check(cfg):
 
 
 # the fields of a model's shape: a resumed run keeps them, an imported one takes them from the weights
-SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "n_ffn", "block_size", "bias", "vocab_size")
+SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "n_ffn", "block_size", "bias", "vocab_size", "padded_vocab_size")
+
+
+def padded(vocab_size):
+    """The rows of a new model's embedding and output tables: a BPE vocabulary (GPT-2's 50257) padded to a
+    multiple of 64 (50304), the width GPU matmuls run fastest at; a character vocabulary (tens of tokens)
+    as it is, which padding would only make slower on the CPU it trains on. 0: no padding."""
+    rows = -(-vocab_size // 64) * 64
+    return rows if vocab_size >= 1024 and rows != vocab_size else 0
 
 
 def model_args(cfg, vocab_size):
-    """The GPTConfig arguments (model.py) of these settings, for a dataset of vocab_size tokens."""
+    """The GPTConfig arguments (model.py) of these settings, for a new model of a dataset of vocab_size tokens."""
     return dict(arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_ffn=cfg.n_ffn,
-                block_size=cfg.block_size, bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout, loss=cfg.loss,
+                block_size=cfg.block_size, bias=cfg.bias, vocab_size=vocab_size,
+                padded_vocab_size=padded(vocab_size), dropout=cfg.dropout, loss=cfg.loss,
                 gamma=cfg.gamma, sigma=cfg.sigma, activation_checkpointing=cfg.activation_checkpointing == "full")
 
 

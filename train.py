@@ -111,6 +111,7 @@ model_args = {**settings.model_args(cfg, meta["vocab_size"]), "loss_path": loss_
               "loss_chunk_size": chunk_size, "compiled": cfg.compile}
 iter_num = 0
 if resumed:
+    model_args["padded_vocab_size"] = resumed["model_args"].get("padded_vocab_size", 0)  # as it was made
     for key in settings.SHAPE_KEYS:
         if model_args[key] != resumed["model_args"][key]:
             fail(f"{key}={model_args[key]} differs from the checkpoint's {resumed['model_args'][key]}; a resumed "
@@ -127,7 +128,7 @@ else:  # pretrained Hugging Face weights (requirements-hf.txt): the shape is the
     raw_model = hf.from_pretrained(cfg.init_from, hf.vocabulary(meta), **given).to(device)
     model_args = dataclasses.asdict(raw_model.config)
     for key in settings.SHAPE_KEYS:  # the settings saved with the run tell the true shape
-        if key != "vocab_size":
+        if hasattr(cfg, key) and key != "vocab_size":
             setattr(cfg, key, model_args[key])
     distributed.shard(raw_model, procs, cfg.parallel, dtype)
     if procs.master:

@@ -76,3 +76,14 @@ def test_training_forward_compiles_without_graph_breaks(arch):
     idx = torch.randint(0, 50, (2, 16))
     explained = torch._dynamo.explain(model)(idx, idx)  # the chunked loss stays outside, on purpose
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_sampling_never_draws_a_padding_id():
+    """The padding's rows of the output table made to win every softmax they entered: no sample has one."""
+    model = tiny("gpt2", padded_vocab_size=64)
+    with torch.no_grad():
+        model.lm_head.weight[50:] = 10.0 * model.transformer.ln_f.weight.sign()  # huge logits for ids 50 to 63
+    out = model.generate(torch.zeros(8, 1, dtype=torch.long), max_new_tokens=20, temperature=1.0)
+    assert out.max().item() < 50
+    greedy = model.generate(torch.zeros(2, 1, dtype=torch.long), max_new_tokens=5, temperature=0.0)
+    assert greedy.max().item() < 50

@@ -132,6 +132,33 @@ def test_activation_checkpointing_changes_no_number(dropout):
         torch.testing.assert_close(h, g, rtol=0, atol=sum_tolerance(3 * 16 * 50) * g.abs().max().item())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("loss_path", ["full", "chunked"])
+def test_padded_vocabulary_is_out_of_the_loss(arch, loss_path):
+    """A model whose tables are padded from 50 to 64 rows gives the loss and the gradients of the same weights
+    unpadded; the padding's rows get no gradient, however large they are."""
+    unpadded = tiny(arch=arch, loss_path=loss_path, loss_chunk_size=7).train()
+    padded = GPT(GPTConfig(**{**vars(unpadded.config), "padded_vocab_size": 64})).train()
+    with torch.no_grad():
+        for (name, p), q in zip(padded.named_parameters(), unpadded.parameters()):
+            p[:q.size(0)].copy_(q)
+            p[q.size(0):].fill_(5.0)  # logits of 5 x sum(x): they would dominate any softmax they entered
+    idx = torch.randint(0, 50, (3, 16))
+    losses = []
+    for model in (unpadded, padded):
+        _, loss = model(idx, idx)
+        loss.backward()
+        losses.append(loss)
+    # the same sums of n_embd products for the logits, then the loss's over V: only their order may differ
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=sum_tolerance(32 + 50), abs=0)
+    for (name, p), q in zip(padded.named_parameters(), unpadded.parameters()):
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad[:q.size(0)], q.grad, rtol=0, atol=sum_tolerance(3 * 16 * (32 + 50)) * scale)
+        assert torch.all(p.grad[q.size(0):] == 0), name
+    logits, _ = padded.eval()(idx)
+    assert logits.size(-1) == 50  # generation and evaluation see the vocabulary only
+
+
 def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12

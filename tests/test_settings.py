@@ -150,3 +150,9 @@ def test_a_smaller_micro_batch_keeps_the_configs_sequences_a_step(capsys, tmp_pa
     saved = {**vars(Settings()), "batch_size": 4, "gradient_accumulation_steps": 6}
     cfg, explicit = settings.parse(["--batch_size=2"])
     assert settings.resumed(cfg, saved, explicit).gradient_accumulation_steps == 12
+
+
+def test_bpe_vocabularies_are_padded_to_64_characters_are_not():
+    assert settings.padded(50257) == 50304 and settings.model_args(Settings(), 50257)["padded_vocab_size"] == 50304
+    assert settings.padded(32000) == 0  # a multiple of 64 already
+    assert settings.padded(65) == settings.padded(84) == 0  # Shakespeare's characters: as they are
