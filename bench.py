@@ -105,13 +105,13 @@ def head_loss_fn(case, chunk_size):
     return optional_fn(case)
 
 
-def measure(case, chunk_size, N, d, V, device, repeats):
+def measure(case, chunk_size, N, d, V, device, repeats, dtype=None):
     """Time (ms) and extra memory (MiB) of forward+backward of one case, in this process."""
     import torch
     compiles = "compiled" in case or case.startswith("chunked") and "eager" not in case
     if compiles:
         torch._dynamo.reset()  # every case compiles afresh: no recompile limit carries over from the last one
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     hidden = torch.randn(N, d, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(V, d, device=device) * d ** -0.5).to(dtype).requires_grad_(True)
@@ -154,13 +154,13 @@ def rss_kib(field):
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
-def worker(specs, N, d, V, device, repeats):
+def worker(specs, N, d, V, device, repeats, dtype=None):
     """Measure each "case@chunk" spec in this process; print one JSON line each."""
     import torch
     for spec in specs:
         case, chunk = spec.rsplit("@", 1)
         try:
-            r = measure(case, int(chunk), N, d, V, device, repeats)
+            r = measure(case, int(chunk), N, d, V, device, repeats, dtype)
         except torch.cuda.OutOfMemoryError:
             r = {"note": "out of memory"}
         except Exception as e:  # one case failing leaves the others measured
@@ -170,7 +170,7 @@ def worker(specs, N, d, V, device, repeats):
         print(json.dumps({"spec": spec, **r}), flush=True)
 
 
-def run_specs(specs, N, d, V, device, repeats):
+def run_specs(specs, N, d, V, device, repeats, dtype=None):
     """{spec: result}: on CUDA all specs in one process, on CPU one process each (for the RSS peak)."""
     notes = {s: optional_note(s.rsplit("@", 1)[0], device) for s in specs}
     results = {s: {"note": note} for s, note in notes.items() if note}
@@ -178,7 +178,7 @@ def run_specs(specs, N, d, V, device, repeats):
     groups = ([todo] if todo else []) if device == "cuda" else [[s] for s in todo]
     for group in groups:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "|".join(group), "--N", str(N), "--d", str(d),
-               "--V", str(V), "--device", device, "--repeats", str(repeats)]
+               "--V", str(V), "--device", device, "--repeats", str(repeats)] + (["--dtype", dtype] if dtype else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
@@ -192,18 +192,19 @@ def run_specs(specs, N, d, V, device, repeats):
     return results
 
 
-def head_table(shapes, cases, chunk_sizes, device, repeats, peak, emit):
+def head_table(shapes, cases, chunk_sizes, device, repeats, peak, emit, dtype=None):
     """One Markdown table of every case at every shape."""
     import mile
-    emit("| N | d | V | case | chunk | time (ms) | x CE | extra memory (MiB) | / CE | floor (ms) | x floor |")
-    emit("|---|---|---|---|---|---|---|---|---|---|---|")
+    emit("| N | d | V | case | chunk | time (ms) | x CE | extra memory (MiB) | / CE | bytes a logit | floor (ms) "
+         "| x floor |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for N, d, V in shapes:
         auto = mile.default_chunk_size(V, device)
         specs = []
         for case in cases:
             sizes = [auto] + [c for c in chunk_sizes if c != auto] if case == "chunked MiLe" else [auto]
             specs += [f"{case}@{c}" for c in sizes]
-        results = run_specs(specs, N, d, V, device, repeats)
+        results = run_specs(specs, N, d, V, device, repeats, dtype)
         base = results.get(f"CE compiled@{auto}", {})
         floor = 6 * N * d * V / peak * 1000 if peak else None
         for spec in specs:
@@ -211,13 +212,14 @@ def head_table(shapes, cases, chunk_sizes, device, repeats, peak, emit):
             r = results[spec]
             chunk = chunk if case.startswith("chunked") else ""
             if "note" in r:
-                emit(f"| {N} | {d} | {V} | {case} | {chunk} | {r['note']} | | | | | |")
+                emit(f"| {N} | {d} | {V} | {case} | {chunk} | {r['note']} | | | | | | |")
                 continue
             x_ce = f"{r['time_ms'] / base['time_ms']:.2f}" if "time_ms" in base else ""
             mem_ce = f"{r['extra_mb'] / base['extra_mb']:.2f}" if base.get("extra_mb", 0) > 0 else ""
             floor_cells = f"{floor:.1f} | {r['time_ms'] / floor:.2f}" if floor else "n/a | n/a"
+            per_logit = r["extra_mb"] * 2 ** 20 / (N * V)  # what choose_loss_path's budget rule counts
             emit(f"| {N} | {d} | {V} | {case} | {chunk} | {r['time_ms']:.1f} | {x_ce} | {r['extra_mb']:.0f} | {mem_ce} "
-                 f"| {floor_cells} |")
+                 f"| {per_logit:.1f} | {floor_cells} |")
 
 
 # -----------------------------------------------------------------------------
@@ -351,6 +353,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="timed runs a case (default: 2 on CPU, 10 on CUDA)")
     parser.add_argument("--chunk_sizes", default="", help="chunked MiLe also at these chunk sizes, comma-separated")
     parser.add_argument("--cases", default=",".join(CASES), help="which cases, comma-separated")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="of the inputs (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--peak", type=float, default=0.0, help="peak FLOP/s for the floor (CUDA: looked up)")
     parser.add_argument("--train", action="store_true", help="ms/step of train.py's 124M step instead (see above)")
     parser.add_argument("--tiny", action="store_true", help="with --train: a tiny model, not the 124M")
@@ -366,9 +369,9 @@ def main():
     train_args = train_args[1:]
     if args.gpu_all:
         args.device = "cuda"
-    repeats = args.repeats or (10 if args.device == "cuda" else 2)
+    repeats = args.repeats or (10 if args.device == "cuda" else 9 if args.logits else 2)
     if args.worker:
-        return worker(args.worker.split("|"), int(args.N), args.d, args.V, args.device, repeats)
+        return worker(args.worker.split("|"), int(args.N), args.d, args.V, args.device, repeats, args.dtype)
 
     import torch
     if (args.device == "cuda" or args.gpu_all) and not torch.cuda.is_available():
@@ -392,7 +395,7 @@ def main():
          + (f"floor at {peak / 1e12:.0f} TFLOP/s\n" if peak else "no peak FLOP/s for a floor\n"))
     if args.logits:
         emit("The loss alone over given logits (N, V), forward and backward, each compiled:\n")
-        logits_table(emit, args.repeats or 9)
+        logits_table(emit, repeats)
         return
     if args.train:
         base = ([*TRAIN_TINY, "--compile=False"] if args.tiny else TRAIN_124M) + train_args
@@ -412,7 +415,7 @@ def main():
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         sys.exit(f"error: unknown case {unknown[0]!r}; the cases are: {', '.join(CASES)}")
-    head_table(shapes, cases, chunk_sizes, args.device, repeats, peak, emit)
+    head_table(shapes, cases, chunk_sizes, args.device, repeats, peak, emit, args.dtype)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,10 @@ def build_loss(name, gamma=1.0, sigma=1.0, ignore_index=-1):
 
 DEFAULT_CHUNK_SIZE = 512  # rows of logits per chunk on a CPU: the fastest there, with bench.py
 CHUNK_LOGITS = 2 ** 27  # logits per chunk on a GPU, at most: 512 MiB of bf16 logits and their gradient
-FULL_BYTES_PER_LOGIT = 16  # what the full path may hold per logit: float32 logits, softmax, gradient, one more
+# what the full path holds at its peak, forward and backward, per logit (bytes), by whether it is compiled:
+# measured with bench.py --dtype=bfloat16 (docs/chunked.md); compiled, little beyond the logits and their
+# gradient; eager, the float32 copies of the readable loss too
+FULL_BYTES_PER_LOGIT = {True: 4, False: 20}
 
 
 def default_chunk_size(vocab, device_type):
@@ -155,11 +158,12 @@ def default_chunk_size(vocab, device_type):
     return max(256, 2 ** ((CHUNK_LOGITS // vocab).bit_length() - 1))
 
 
-def choose_loss_path(n_rows, vocab, device, path="auto", chunk_size=0, budget_bytes=None):
+def choose_loss_path(n_rows, vocab, device, path="auto", chunk_size=0, budget_bytes=None, compiled=False):
     """How to compute the loss of n_rows x vocab logits on device: ("full", chunk_size) or ("chunked",
     chunk_size). path "full" or "chunked" is taken as it is; "auto" is the fastest path that fits: on a
-    GPU, full when the logits at FULL_BYTES_PER_LOGIT fit in budget_bytes (default: a quarter of the GPU's
-    memory), chunked otherwise; on a CPU, chunked. chunk_size 0: default_chunk_size for the device."""
+    GPU, full when the logits at FULL_BYTES_PER_LOGIT[compiled] fit in budget_bytes (default: a quarter of
+    the GPU's memory), chunked otherwise; on a CPU, chunked. chunk_size 0: default_chunk_size for the device.
+    train.py asks once, at start-up."""
     device = torch.device(device)
     if path not in ("auto", "full", "chunked"):
         raise ValueError(f"the loss path must be auto, full or chunked, not {path!r}")
@@ -167,7 +171,7 @@ def choose_loss_path(n_rows, vocab, device, path="auto", chunk_size=0, budget_by
     if path == "auto" and device.type == "cuda":
         if budget_bytes is None:
             budget_bytes = torch.cuda.get_device_properties(device).total_memory // 4
-        path = "chunked" if n_rows * vocab * FULL_BYTES_PER_LOGIT > budget_bytes else "full"
+        path = "chunked" if n_rows * vocab * FULL_BYTES_PER_LOGIT[compiled] > budget_bytes else "full"
     return ("chunked" if path == "auto" else path), chunk_size
 
 

@@ -26,12 +26,13 @@ import torch
 import distributed
 import settings
 from data.common import dataset_dir, read_meta
-from mile import FULL_BYTES_PER_LOGIT, choose_loss_path
+from mile import choose_loss_path
 from model import GPTConfig
 from system import device_memory, fail
 
 GiB = 2 ** 30
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of its parameter
+LOGIT_BYTES = 4  # float32
 
 
 def saved_for_backward(fn, skip):
@@ -71,7 +72,7 @@ def measure(cfg, vocab_size, device_type="cuda", dtype="bfloat16", memory=None, 
     from torch._subclasses.fake_tensor import FakeTensorMode  # imports the compiler: only when a plan is made
     n_rows = cfg.batch_size * cfg.block_size
     path, chunk = choose_loss_path(n_rows, vocab_size, device_type, cfg.loss_path, cfg.loss_chunk_size,
-                                   budget_bytes=None if memory is None else memory // 4)
+                                   budget_bytes=None if memory is None else memory // 4, compiled=cfg.compile)
     args = {**settings.model_args(cfg, vocab_size), "loss_path": path, "loss_chunk_size": chunk}
     procs = processes(world_size, cfg.parallel)
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the meta model becomes fake tensors in it
@@ -100,9 +101,10 @@ def measure(cfg, vocab_size, device_type="cuda", dtype="bfloat16", memory=None, 
     # storage of 0 bytes), while autocast's copies are kept
     held = {t.untyped_storage()._cdata for t in own} | {p.untyped_storage()._cdata for p in model.parameters()}
     kept = {kind: sum(s.nbytes() for key, s in found.items() if key not in held) for kind, found in saved.items()}
-    # the loss path holds at once what it saves for backward and, while it computes, logits of its own:
-    # the whole (N, V) on the full path, one chunk on the chunked path
-    logits = kept["logits"] + (n_rows if path == "full" else chunk) * vocab_size * FULL_BYTES_PER_LOGIT // 4
+    # the loss path holds at once what it saves for backward and, while it computes, float32 logits of its
+    # own: the whole (N, V) on the full path, one chunk on the chunked path. (Counted as the eager loss saves;
+    # compiled, the full path holds less: mile.FULL_BYTES_PER_LOGIT)
+    logits = kept["logits"] + (n_rows if path == "full" else chunk) * vocab_size * LOGIT_BYTES
     rows = {"parameters": weights, "gradients": weights, "optimizer": ADAMW_STATES * weights,
             "activations": kept["activations"] + kept.get("recomputed", 0), "logits": logits, "gathered": gathered(model, procs, cfg, casts)}
     rows["peak"] = sum(rows.values())

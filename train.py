@@ -37,7 +37,7 @@ import distributed
 import settings
 from data.common import check_dataset, dataset_dir, get_windows, prepare_if_missing, read_meta, train_token_counts
 from evaluate import BUCKETS, bucket_stats, bucket_sums, frequency_buckets
-from mile import choose_loss_path
+from mile import FULL_BYTES_PER_LOGIT, choose_loss_path
 from model import GPTConfig
 from plan import memory_warning
 from system import StopSignals, autocast, fail, peak_flops, resolve_device, resolve_dtype
@@ -106,7 +106,7 @@ checkpoint.check_shared(cfg.out_dir, procs)  # on several machines, all of them 
 # -----------------------------------------------------------------------------
 # model and optimizer
 loss_path, chunk_size = choose_loss_path(cfg.batch_size * cfg.block_size, meta["vocab_size"], device,
-                                         cfg.loss_path, cfg.loss_chunk_size)
+                                         cfg.loss_path, cfg.loss_chunk_size, compiled=cfg.compile)  # once, here
 model_args = {**settings.model_args(cfg, meta["vocab_size"]), "loss_path": loss_path,
               "loss_chunk_size": chunk_size, "compiled": cfg.compile}
 iter_num = 0
@@ -146,11 +146,13 @@ if cfg.compile:
     model = torch.compile(model)
 model = distributed.wrap(model, procs, cfg.parallel, device)
 if procs.master:
+    logit_bytes = cfg.batch_size * cfg.block_size * meta["vocab_size"] * FULL_BYTES_PER_LOGIT[cfg.compile]
     weights = "" if cfg.loss == "ce" else f" (gamma {cfg.gamma}" + (f", sigma {cfg.sigma})" if cfg.loss == "mile" else ")")
     print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, loss {cfg.loss}{weights}, on {procs.world_size} x "
           f"{device_type} ({cfg.parallel if procs.distributed else 'one process'}) in {dtype}, "
           f"{cfg.gradient_accumulation_steps * cfg.batch_size} sequences a step; loss path: "
-          f"{loss_path}" + (f", {chunk_size} rows a chunk" if loss_path == "chunked" else ""))
+          + (f"chunked, {chunk_size} rows a chunk" if loss_path == "chunked" else
+             f"full, {logit_bytes / 2 ** 30:.1f} GiB of logits at the peak"))
 
 # memory: said before the first step when the run will need more than the device has (plan.py; under FSDP the
 # plan needs a process group of its own: python plan.py --nnodes=... --nproc_per_node=... before the run)

@@ -224,13 +224,15 @@ def test_auto_path_on_a_cpu_is_what_the_default_run_uses():
 
 def test_auto_path_on_a_gpu_takes_the_logits_when_they_fit():
     budget = 80 * 2 ** 30 // 4  # a quarter of an 80 GB GPU
-    # GPT-2 124M at 16 sequences a micro-batch: 16 x 1024 x 50304 logits at 16 bytes, 13 GB: the full logits
+    # GPT-2 124M at 16 sequences a micro-batch: 16 x 1024 x 50304 logits at 20 bytes (eager), 16.5 GB: whole
     assert choose_loss_path(16 * 1024, 50304, "cuda", budget_bytes=budget) == ("full", 2048)
     assert choose_loss_path(8192, 32000, "cuda:0", budget_bytes=budget) == ("full", 4096)
-    # four times the batch, 53 GB: chunks, large ones
+    # four times the batch, 66 GB: chunks, large ones; compiled, 4 bytes a logit, 13 GB: whole
     assert choose_loss_path(64 * 1024, 50304, "cuda", budget_bytes=budget) == ("chunked", 2048)
+    assert choose_loss_path(64 * 1024, 50304, "cuda", budget_bytes=budget, compiled=True) == ("full", 2048)
     assert choose_loss_path(16 * 1024, 128256, "cuda", budget_bytes=budget) == ("chunked", 1024)
     assert choose_loss_path(16 * 1024, 50304, "cuda", budget_bytes=budget // 4) == ("chunked", 2048)  # a 20 GB GPU
+    assert choose_loss_path(16 * 1024, 50304, "cuda", budget_bytes=budget // 4, compiled=True)[0] == "full"
 
 
 def test_forced_paths_and_chunk_size():

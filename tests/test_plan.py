@@ -167,7 +167,7 @@ def test_fsdp_plan_is_what_each_process_of_a_real_run_holds():
         assert rows[key] == real[key], key
     whole = GPT(GPTConfig(**settings.model_args(settings.Settings(**small), 84))).get_num_params(non_embedding=False)
     assert real["parameters"] < 0.6 * 4 * whole  # a shard: about half of the model
-    transient = small["batch_size"] * small["block_size"] * 84 * plan.FULL_BYTES_PER_LOGIT // 4  # not saved
+    transient = small["batch_size"] * small["block_size"] * 84 * plan.LOGIT_BYTES  # not saved
     planned = rows["activations"] + rows["logits"] - transient
     assert abs(planned - real["saved"]) <= 0.10 * real["saved"], (planned, real["saved"])
 
