@@ -300,13 +300,14 @@ def test_bench_prints_its_tables(tmp_path):
     assert head.returncode == 0, head.stderr
     rows = {r[3]: r for r in table_rows(head.stdout, "64")}
     assert set(rows) == {"CE compiled", "MiLe eager", "chunked MiLe eager", "Cut CE"}
-    assert all(len(r) == 11 for r in rows.values())
+    assert all(len(r) == 12 for r in rows.values())
     assert float(rows["CE compiled"][6]) == 1.00  # the baseline of the "x CE" column
     for case in ("MiLe eager", "chunked MiLe eager"):
         assert float(rows[case][5]) > 0 and float(rows[case][6]) > 0 and float(rows[case][7]) > -50
     assert rows["chunked MiLe eager"][4] == "512" and rows["MiLe eager"][4] == ""
     assert rows["Cut CE"][5].startswith(("not installed", "needs CUDA"))  # optional, never required
-    assert rows["CE compiled"][9] == "n/a"  # no peak FLOP/s on a CPU unless --peak gives one
+    assert float(rows["MiLe eager"][9]) > 0  # bytes a logit, what choose_loss_path's rule is set from
+    assert rows["CE compiled"][10] == "n/a"  # no peak FLOP/s on a CPU unless --peak gives one
     assert out.read_text().count("| 64 | 16 | 300 |") == 4
 
     train = run("--train", "--tiny", "--loss=ce", "--", "--max_iters=4")  # one loss: the test stays short
@@ -316,3 +317,16 @@ def test_bench_prints_its_tables(tmp_path):
     for r in rows.values():
         assert float(r[2]) > 0 and float(r[4].replace(",", "")) > 0 and int(r[6]) == 3  # 4 steps, the first left out
     assert re.search(r"auto \(the default\) takes: (full|chunked, chunk \d+) \(N = 128, V = 84", train.stdout)
+
+
+def test_bench_counts_the_loops_over_the_vocabulary():
+    """bench.py --logits counts the loops over V in inductor's C++: a loop bound by V or by V over the vector
+    width counts, any other loop not."""
+    import bench
+    code = """
+    for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(2048L); x0+=static_cast<int64_t>(1L))
+        for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(50304L); x1+=static_cast<int64_t>(16L))
+        for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(3144L); x1+=static_cast<int64_t>(1L))
+        for(int64_t x2=static_cast<int64_t>(0L); x2<static_cast<int64_t>(768L); x2+=static_cast<int64_t>(1L))
+    """
+    assert bench.loops_over_v(code, 50304) == 2 and bench.loops_over_v(code, 8192) == 0

@@ -91,7 +91,7 @@ def run_plan(*args):
                           text=True, timeout=300)
 
 
-def test_plan_command_prints_a_table_and_a_verdict():
+def test_plan_command_prints_a_table_and_a_verdict(capsys):
     small = [f"--{k}={v}" for k, v in SMALL.items()] + ["--vocab_size=84"]
     fits = run_plan(*small, "--gpu_memory_gb=1")
     assert fits.returncode == 0, fits.stderr
@@ -110,8 +110,10 @@ def test_plan_command_prints_a_table_and_a_verdict():
                           "--nproc_per_node must be a whole number"),
                          (["--vocab_size=84", "--gpu_memory_gb=8", "--nproc_per_node=3"],
                           "gradient_accumulation_steps (1) must be a multiple of the number of GPUs (3)")]:
-        proc = run_plan(*args)
-        assert proc.returncode == 1 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        with pytest.raises(SystemExit) as stop:  # in this process: each refusal comes before any plan is made
+            plan.main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 1 and needle in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def _fsdp_rank_holds(rank, world, small):
