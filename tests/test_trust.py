@@ -208,6 +208,8 @@ def test_sharded_checkpoint_that_asks_to_run_code_is_refused(tmp_path, trained_t
         warnings.simplefilter("error")  # as written, it loads without a word
         model, ckpt = checkpoint.load_model(str(tmp_path / "good"))
     assert ckpt["sharded"].endswith("ckpt-2") and model.config.n_layer == 1
+    other_shape = train(tmp_path / "good", "--init_from=resume", "--n_layer=2", check=False)
+    assert_one_sentence_error(other_shape, "n_layer=2 differs from the checkpoint's 1")
     folder = sharded_copy(trained_tiny, tmp_path / "index")
     (folder / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
     assert "was refused: it asks to import posix.system when loaded, which could run code" in \
