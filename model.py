@@ -240,7 +240,8 @@ class GPT(nn.Module):
 
     def logits(self, x):
         """The logits of hidden states x over the vocabulary: lm_head's output without its padded columns."""
-        return self.lm_head(x)[..., :self.config.vocab_size]
+        logits = self.lm_head(x)
+        return logits[..., :self.config.vocab_size] if self.config.padded_vocab_size else logits
 
     def head_loss(self, x, targets):
         """(logits or None, loss) of the final hidden states x against targets, on the config's loss path."""

@@ -197,7 +197,7 @@ def main(argv):
     fits = rows["peak"] <= memory
     advice = "" if fits else "; " + suggest(cfg, vocab_size, dtype, memory, world, rows)
     print(f"{'fits' if fits else 'does not fit'}: {rows['peak'] / GiB:.1f} GiB at the peak of "
-          f"{memory / GiB:.0f} GiB{advice}")
+          f"{memory / GiB:.3g} GiB{advice}")
     return 0 if fits else 1
 
 
