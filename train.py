@@ -154,9 +154,9 @@ if procs.master:
           + (f"chunked, {chunk_size} rows a chunk" if loss_path == "chunked" else
              f"full, {logit_bytes / 2 ** 30:.1f} GiB of logits at the peak"))
 
-# memory: said before the first step when the run will need more than the device has (plan.py; under FSDP the
-# plan needs a process group of its own: python plan.py --nnodes=... --nproc_per_node=... before the run)
-if procs.master and not (procs.distributed and cfg.parallel == "fsdp"):
+# memory: said before the first step when the run will need more than the device has (plan.py). One process
+# only: under torchrun the plan's own forward would meet the real process group (ask plan.py before the run)
+if not procs.distributed:
     warning = memory_warning(cfg, meta["vocab_size"], device, dtype, raw_model.get_num_params(non_embedding=False))
     if warning:
         print(warning, file=sys.stderr)
