@@ -141,11 +141,17 @@ def memory_warning(cfg, vocab_size, device, dtype, n_params, memory=None):
             f"(python plan.py with the same settings shows why); {suggest(cfg, vocab_size, dtype, memory, 1, rows)}")
 
 
+GPT2_DATASETS = {"fineweb", "shakespeare"}  # data/<name>/prepare.py tokenizes them with GPT-2's BPE
+
+
 def vocabulary(cfg, given=0):
-    """The vocabulary size: given, or from the dataset's meta.pkl, or one sentence saying to give it."""
+    """The vocabulary size: given, or from the dataset's meta.pkl, or for a dataset that data/ prepares with
+    GPT-2's BPE and has not yet, that tokenizer's 50257; else one sentence saying to give it."""
     if given:
         return given
     meta = os.path.join(dataset_dir(cfg.dataset), "meta.pkl")
+    if not os.path.exists(meta) and cfg.dataset in GPT2_DATASETS:
+        return 50257
     if not os.path.exists(meta):
         fail(f"dataset {cfg.dataset!r} is not prepared, so its vocabulary is unknown: give --vocab_size "
              f"(50257 for GPT-2's BPE)")
