@@ -81,44 +81,71 @@ def save(path, state):
 
 def find(out_dir):
     """The newest checkpoint in out_dir: the path of ckpt.pt or of a sharded folder, or None. (A run killed
-    between writing one kind and removing the other leaves both: the newer one counts.)"""
+    between writing one kind and removing the other leaves both: the newer one counts.) A `latest` that
+    names no checkpoint folder stops with one sentence saying which checkpoint could be used instead."""
     full = os.path.join(out_dir, CHECKPOINT)
     pointer = os.path.join(out_dir, LATEST)
     sharded = None
     if os.path.isfile(pointer):
-        with open(pointer) as f:
-            sharded = os.path.join(out_dir, f.read().strip())
+        try:
+            with open(pointer) as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            name = "?"
+        sharded = os.path.join(out_dir, name)
+        if not re.fullmatch(r"ckpt-\d+", name) or not os.path.isdir(sharded):
+            fail(f"{pointer} is damaged: it names {name[:40]!r}, which is not a checkpoint folder in {out_dir}; "
+                 f"{instead(pointer)}", local=True)
     if sharded and os.path.isfile(full):
         return sharded if os.path.getmtime(pointer) >= os.path.getmtime(full) else full
     return sharded or (full if os.path.isfile(full) else None)
+
+
+def instead(damaged):
+    """How a sentence about a damaged checkpoint (ckpt.pt, a sharded folder, or `latest`) ends: the newest other
+    checkpoint in its out_dir that looks complete (a folder does once training.pt, written last, is in it),
+    and how to use it."""
+    damaged = os.path.abspath(damaged)
+    out_dir = os.path.dirname(damaged)
+    pointer = os.path.join(out_dir, LATEST)
+    folders = sorted((n for n in os.listdir(out_dir) if re.fullmatch(r"ckpt-\d+", n)), key=lambda n: -int(n[5:]))
+    for name in folders:
+        path = os.path.join(out_dir, name)
+        if path != damaged and os.path.isfile(os.path.join(path, TRAINING)):
+            also = f" and remove {damaged}" if damaged == os.path.join(out_dir, CHECKPOINT) else ""
+            return f"{path} looks complete: to use it, write {name} into {pointer}{also}"
+    full = os.path.join(out_dir, CHECKPOINT)
+    if os.path.isfile(full) and full != damaged:
+        return f"{full} looks complete: to use it, remove {pointer}"
+    return f"no other checkpoint is in {out_dir}: restore a good copy, or start afresh with --overwrite=True"
 
 
 def read(path, elsewhere="point --out_dir at the directory that holds ckpt.pt"):
     """The dict train.py saved at path, on the CPU, or exit with one sentence saying what is wrong.
     path: ckpt.pt, an out_dir (its newest checkpoint), or a sharded folder, whose dict holds the folder
     under "sharded" in place of the model and optimizer state. elsewhere: how the caller's user names another
-    checkpoint directory. Tensors and plain values only (weights_only): a file that asks to import anything
-    is refused, never run."""
+    checkpoint directory. Tensors and plain values only (weights_only), and a sharded folder's index with
+    nothing but its own classes (read_index): a file that asks to import anything is refused, never run;
+    a damaged one is one sentence naming it."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, TRAINING)):
         path = find(path) or os.path.join(path, CHECKPOINT)
     sharded = os.path.isdir(path)
     file = os.path.join(path, TRAINING) if sharded else path
     if not os.path.isfile(file):
+        if sharded:  # `latest` names it, so it was complete once
+            fail(f"{path} is damaged: its {TRAINING} is missing; {instead(path)}", local=True)
         fail(f"no checkpoint at {path}; train one first (python train.py), or {elsewhere}", local=True)
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=not sharded)
-        if sharded:  # its index, a pickle: read with nothing but the index's own classes allowed
-            with open(os.path.join(path, ".metadata"), "rb") as f:
-                _Metadata(f).load()
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=not sharded)
+        except RuntimeError as e:  # mmap's complaint about a file that is no zip hides what is wrong with it
+            if "mmap" not in str(e):
+                raise
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        if sharded:
+            check_shards(path, read_index(path))
     except Exception as e:
-        refused = re.search(r"GLOBAL (\S+)", str(e)) if "Weights only load failed" in str(e) else None
-        if refused or isinstance(e, pickle.UnpicklingError):
-            fail(f"{path} was refused: it asks to import {refused.group(1) if refused else e} when loaded, which "
-                 f"could run code (a checkpoint of train.py holds tensors and plain values only); do not use it",
-                 local=True)
-        fail(f"{path} is not a readable checkpoint (it may be truncated or corrupt: {type(e).__name__}); restore a "
-             f"good copy, or train afresh over it with python train.py --out_dir={os.path.dirname(path) or '.'} "
-             f"--overwrite=True", local=True)
+        unreadable(path, e, "it may be truncated or corrupt")
     needed = set(NEEDED) - ({"model", "optimizer"} if sharded else set())
     if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
         fail(f"{path} is a PyTorch file but not a checkpoint written by train.py", local=True)
@@ -128,25 +155,95 @@ def read(path, elsewhere="point --out_dir at the directory that holds ckpt.pt"):
     return checkpoint
 
 
-class _Metadata(pickle.Unpickler):
-    """Reads a sharded checkpoint's .metadata (a pickle) and refuses every class but those it is made of."""
-    MODULES = ("torch.distributed.checkpoint.metadata",)
-    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-             ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-             ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+def unreadable(path, e, damage):
+    """Stop with one sentence for a checkpoint whose reading raised e: refused, if it asked to import a name (our
+    index reader, or torch's weights_only), else damaged, saying which other checkpoint could be used instead."""
+    weights_only = re.search(r"GLOBAL (\S+)", str(e)) if "Weights only load failed" in str(e) else None
+    asked = e.name if isinstance(e, _Refused) else weights_only and weights_only.group(1)
+    if asked:
+        fail(f"{path} was refused: it asks to import {asked} when loaded, which could run code (a checkpoint of "
+             f"train.py holds tensors and plain values only); do not use it", local=True)
+    cause = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(e))  # torch's weights_only says why after advice
+    first = cause.group(1) if cause else (str(e).strip().splitlines() or [""])[0]
+    first = f": {first[:120]}" + ("..." if len(first) > 120 else "") if first else ""
+    fail(f"{path} is damaged ({type(e).__name__}{first}): {damage}; {instead(path)}", local=True)
+
+
+# -----------------------------------------------------------------------------
+# a sharded checkpoint's index: torch.distributed.checkpoint writes it with pickle, which can run any code
+# when it is read; we read it with an unpickler that can build the index's own classes and nothing else,
+# and torch.distributed.checkpoint is handed what we read (never the file)
+
+
+class _Refused(pickle.UnpicklingError):
+    """An index that names a class it may not: an attack, never a damaged file."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.name = name
+
+
+class _Index(pickle.Unpickler):
+    """Reads .metadata allowing exactly the (module, name) pairs in ALLOWED, looked up one attribute deep. No
+    dotted name, no whole module: pickle itself resolves module "torch.distributed.checkpoint.metadata",
+    name "os.system" to os.system through that module's own `import os`."""
+    ALLOWED = {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # which file, offset, length hold a piece
+        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib._local", "PosixPath"),  # checkpoint_id
+    } | {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}  # float32, ...
 
     def find_class(self, module, name):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module in self.MODULES or (module, name) in self.NAMES or dtype:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        __import__(module)
+        return getattr(sys.modules[module], name)
+
+
+def read_index(folder):
+    """A sharded checkpoint folder's index (torch.distributed.checkpoint's Metadata: which file holds each
+    piece of each tensor), read with _Index. Raises _Refused for a class it may not name, another exception
+    for a damaged file."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    with open(os.path.join(folder, ".metadata"), "rb") as f:
+        index = _Index(f).load()
+    if not isinstance(index, Metadata) or not isinstance(index.storage_data, dict):
+        raise ValueError(".metadata holds no checkpoint index")
+    return index
+
+
+def check_shards(folder, index):
+    """Every shard file the index names is in folder and long enough for the pieces it should hold."""
+    ends = {}
+    for info in index.storage_data.values():
+        file = info.relative_path
+        if os.path.basename(file) != file or file.startswith("."):
+            raise ValueError(f".metadata names a shard outside the folder, {file[:60]!r}")
+        ends[file] = max(ends.get(file, 0), info.offset + info.length)
+    for file, end in sorted(ends.items()):
+        path = os.path.join(folder, file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard {file} is missing")
+        if os.path.getsize(path) < end:
+            raise EOFError(f"shard {file} is truncated ({os.path.getsize(path)} of at least {end} bytes)")
 
 
 def load_sharded(state, folder):
     """Fill state (a dict of state dicts, sharded or whole) from a sharded checkpoint folder that read()
-    accepted. torch.distributed.checkpoint loads the values that are not tensors (the optimizer's
-    hyperparameters) with pickle: each is loaded here with weights_only first."""
+    accepted. Its index is read here (read_index) and handed to torch.distributed.checkpoint, which would read
+    it with pickle; the values that are not tensors (the optimizer's hyperparameters), which it loads with
+    pickle too, are each loaded here with weights_only first."""
     import torch.distributed.checkpoint as dcp
+    try:
+        index = read_index(folder)
+    except Exception as e:
+        unreadable(folder, e, "it may be truncated or corrupt")
+
+    class Reader(dcp.FileSystemReader):  # torch's reader of the shards, given the index read above
+        def read_metadata(self):  # (no **kwargs: so torch never falls back to a rank's own index file either)
+            return index
 
     class TensorsOnly(dcp.DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
@@ -157,14 +254,10 @@ def load_sharded(state, folder):
     try:
         with warnings.catch_warnings():  # one process reading a checkpoint of several is what we mean
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=folder, planner=TensorsOnly())
+            dcp.load(state, storage_reader=Reader(folder), planner=TensorsOnly())
     except (Exception, dcp.CheckpointException) as e:  # the latter, a BaseException, wraps each process's error
-        if isinstance(e, dcp.CheckpointException):
-            e = next(iter(e.failures.values()))[0]
-        if "Weights only load failed" in str(e):
-            fail(f"{folder} was refused: a value in it asks to import code when loaded; do not use it", local=True)
-        fail(f"{folder} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}): a shard may be "
-             f"missing or damaged; restore the folder from a copy, or start afresh with --overwrite=True", local=True)
+        unreadable(folder, next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e,
+                   "a shard may be corrupt")
 
 
 def upgrade(model_args):

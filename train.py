@@ -97,7 +97,7 @@ def get_batch(split, step, micro_step):
 # at a time (docs/checkpoints.md)
 if procs.master:
     lock = checkpoint.lock(cfg.out_dir)  # held until this process ends
-    if cfg.init_from != "resume" and checkpoint.find(cfg.out_dir) and not cfg.overwrite:
+    if cfg.init_from != "resume" and not cfg.overwrite and checkpoint.find(cfg.out_dir):
         fail(f"{cfg.out_dir} already holds a checkpoint of an earlier run; continue it with --init_from=resume, train "
              f"into another --out_dir, or start afresh over it with --overwrite=True")
 distributed.barrier(procs)

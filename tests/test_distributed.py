@@ -266,7 +266,7 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_on_any_number_of_processes(tmp_p
     assert not (tmp_path / "fsdp" / "ckpt-3").exists() and not (tmp_path / "fsdp" / "ckpt.pt").exists()
     import checkpoint
     with open(folder / ".metadata", "rb") as f:
-        index = checkpoint._Metadata(f).load()  # which file holds each piece of each tensor
+        index = checkpoint._Index(f).load()  # which file holds each piece of each tensor
     for name in ("model.transformer.h.0.mlp.c_fc.weight", "optimizer.state.transformer.h.0.mlp.c_fc.weight.exp_avg"):
         pieces = {info.relative_path for key, info in index.storage_data.items() if key.fqn == name}
         assert pieces == {"__0_0.distcp", "__1_0.distcp"}, name  # half in each process's file

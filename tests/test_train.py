@@ -118,7 +118,7 @@ def test_corrupt_checkpoint_is_one_sentence_and_kept(tmp_path, trained):
     for content in [b"not a checkpoint at all", open(os.path.join(trained, "ckpt.pt"), "rb").read()[:5000]]:
         (tmp_path / "ckpt.pt").write_bytes(content)
         proc = train(tmp_path, "--init_from=resume", check=False)
-        assert_one_sentence_error(proc, "not a readable checkpoint", "truncated or corrupt")
+        assert_one_sentence_error(proc, "ckpt.pt is damaged (", "truncated or corrupt", "no other checkpoint is in")
         assert (tmp_path / "ckpt.pt").read_bytes() == content  # nothing overwritten
 
 
@@ -173,7 +173,7 @@ def test_sample_bad_input(trained, args, needles):
 def test_sample_bad_checkpoints(tmp_path):
     assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path}", check=False), "no checkpoint at")
     (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
-    assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path}", check=False), "not a readable checkpoint")
+    assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path}", check=False), "ckpt.pt is damaged (")
     assert_one_sentence_error(run("sample.py", f"--out_dir={tmp_path / 'missing'}", check=False), "no checkpoint at")
 
 

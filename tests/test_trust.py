@@ -5,12 +5,15 @@ command leaves nothing behind, and under torchrun an error in any process reache
 import json
 import os
 import pickle
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -181,46 +184,172 @@ def sharded_copy(trained, out):
     import torch.distributed.checkpoint as dcp
     ckpt = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
     folder = out / f"ckpt-{ckpt['iter_num']}"
-    dcp.save({"model": ckpt.pop("model"), "optimizer": ckpt.pop("optimizer")}, checkpoint_id=folder, no_dist=True)
+    with warnings.catch_warnings():  # one process writing a sharded checkpoint is what we mean
+        warnings.simplefilter("ignore")
+        dcp.save({"model": ckpt.pop("model"), "optimizer": ckpt.pop("optimizer")}, checkpoint_id=folder, no_dist=True)
     torch.save(ckpt, folder / "training.pt")
     (out / "latest").write_text(folder.name + "\n")
     return folder
 
 
-def test_sharded_checkpoint_that_asks_to_run_code_is_refused(tmp_path, trained_tiny, capsys):
-    """torch.distributed.checkpoint reads a folder's index and its values that are not tensors with pickle:
-    here a crafted index, or a crafted value, is refused as such, never run; a missing shard is one sentence.
-    (In this process: checkpoint.py is what sample.py, evaluate.py, export.py and train.py read through.)"""
-    import warnings
+def crafted_call(module, name, arg):
+    """A pickle that calls the attribute `name` of module with one string argument. Under protocol 4 (its
+    first two bytes) pickle follows a dotted name attribute by attribute: module
+    torch.distributed.checkpoint.metadata, name os.system reaches os.system through that module's `import os`."""
+    arg = arg.encode()
+    return b"\x80\x04c" + f"{module}\n{name}\n".encode() + b"X" + len(arg).to_bytes(4, "little") + arg + b"\x85R."
+
+
+# what a sharded checkpoint's index may be made to ask for: dotted names through the modules that
+# torch.distributed.checkpoint imports or its index names, through torch, the standard library, builtins
+CRAFTED = [("torch.distributed.checkpoint.metadata", "os.system"), ("torch.distributed.checkpoint.filesystem", "os.system"),
+           ("torch.serialization", "os.system"), ("torch", "os.system"), ("pathlib", "os.system"),
+           ("collections", "_sys.modules.os.system"), ("torch", "float32.__class__"), ("builtins", "eval"),
+           ("builtins", "getattr"), ("posix", "system"), ("os", "system"), ("subprocess", "getoutput")]
+
+
+def assert_said_once_by_train_py(proc):
+    """torchrun failed with one sentence from its processes, and no traceback of ours (torchrun prints its own
+    report of the exit, a traceback through its own code)."""
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: ") == 1, proc.stderr
+    assert not re.search(rf'File "{re.escape(ROOT)}/[^/"]+\.py"', proc.stderr), proc.stderr
+
+
+def test_crafted_index_is_refused_whatever_it_names(tmp_path, trained_tiny, capsys):
+    """No sharded checkpoint's .metadata runs code when read: each crafted one above is shown armed (plain
+    pickle runs it) and then refused by name, by the reader every command uses and by the loader of the shards
+    alone; a ckpt.pt holding the same pickle is refused too. (In this process; the commands are below.)"""
+    import zipfile
 
     import checkpoint
-    import torch.distributed.checkpoint as dcp
     marker = tmp_path / "marker"
+    pickle.loads(crafted_call(*CRAFTED[0], f"touch {marker}"))  # armed: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    for module, name in CRAFTED:
+        folder = sharded_copy(trained_tiny, tmp_path / f"{module}-{name}")
+        (folder / ".metadata").write_bytes(crafted_call(module, name, f"touch {marker}"))
+        for fn, args in ((checkpoint.read, (str(folder.parent),)), (checkpoint.load_sharded, ({}, str(folder)))):
+            with pytest.raises(SystemExit):
+                fn(*args)
+            err = capsys.readouterr().err
+            assert err == f"error: {folder} was refused: it asks to import {module}.{name} when loaded, which " \
+                          f"could run code (a checkpoint of train.py holds tensors and plain values only); do not " \
+                          f"use it\n", err
+        # and the same pickle as a ckpt.pt's data (torch.load with weights_only reads that)
+        os.makedirs(tmp_path / "full", exist_ok=True)
+        full = tmp_path / "full" / "ckpt.pt"
+        torch.save({"iter_num": 1}, full)
+        entries = {i.filename: zipfile.ZipFile(full).read(i) for i in zipfile.ZipFile(full).infolist()}
+        with zipfile.ZipFile(full, "w") as z:
+            for filename, data in entries.items():
+                z.writestr(filename, crafted_call(module, name, f"touch {marker}") if filename.endswith("data.pkl") else data)
+        with pytest.raises(SystemExit):
+            checkpoint.read(str(full))
+        assert "was refused: it asks to import" in capsys.readouterr().err
+    assert not marker.exists()
 
-    def refused(fn, *args):
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py", "export.py", "train.py", "torchrun"])
+def test_crafted_index_runs_nothing_in_any_command(tmp_path, trained_tiny, script):
+    """The file found on 2026-12-07 (78 bytes that ran a shell command in each of these) is refused by every
+    command that reads a checkpoint, in one process and under torchrun, and the marker it would make is never made."""
+    marker = tmp_path / "marker"
+    folder = sharded_copy(trained_tiny, tmp_path / "out")
+    (folder / ".metadata").write_bytes(crafted_call(*CRAFTED[0], f"touch {marker}"))
+    out = str(tmp_path / "out")
+    if script == "torchrun":
+        proc = subprocess.run(torchrun(out, f"--dataset={os.path.dirname(trained_tiny)}/data", "--init_from=resume"),
+                              cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+        assert_said_once_by_train_py(proc)
+    else:
+        args = {"evaluate.py": [out], "train.py": [f"--out_dir={out}", "--init_from=resume"]}.get(script, [f"--out_dir={out}"])
+        proc = run(script, *args, check=False)
+        assert_one_sentence_error(proc)
+    assert proc.returncode != 0
+    assert "was refused: it asks to import torch.distributed.checkpoint.metadata.os.system" in proc.stderr
+    assert not marker.exists()
+
+
+def test_damaged_checkpoints_are_one_sentence_naming_what_else_to_use(tmp_path, trained_tiny, capsys):
+    """A damaged index, shard, training.pt or `latest`, or a ckpt.pt, each says what is damaged and which
+    other checkpoint looks complete (or that none does), never that it is an attack; a good one loads."""
+    import checkpoint
+    import torch.distributed.checkpoint as dcp
+
+    def error(fn, *args):
         with pytest.raises(SystemExit) as stop:
             fn(*args)
         err = capsys.readouterr().err
         assert stop.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert "refused" not in err, err
         return err
     sharded_copy(trained_tiny, tmp_path / "good")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # as written, it loads without a word
         model, ckpt = checkpoint.load_model(str(tmp_path / "good"))
     assert ckpt["sharded"].endswith("ckpt-2") and model.config.n_layer == 1
-    other_shape = train(tmp_path / "good", "--init_from=resume", "--n_layer=2", check=False)
-    assert_one_sentence_error(other_shape, "n_layer=2 differs from the checkpoint's 1")
-    folder = sharded_copy(trained_tiny, tmp_path / "index")
-    (folder / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
-    assert "was refused: it asks to import posix.system when loaded, which could run code" in \
-        refused(checkpoint.read, str(tmp_path / "index"))
+
+    def damaged(name, damage, older=False):
+        """A copy of the good sharded checkpoint in tmp_path/name, damaged by damage(folder); with older, an
+        earlier complete folder ckpt-1 beside it."""
+        folder = sharded_copy(trained_tiny, tmp_path / name)
+        if older:
+            shutil.copytree(folder, folder.parent / "ckpt-1")
+        damage(folder)
+        return folder
+
+    def truncate(path):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    folder = damaged("index", lambda f: truncate(f / ".metadata"), older=True)
+    err = error(checkpoint.read, str(folder.parent))
+    assert f"{folder} is damaged (UnpicklingError: pickle data was truncated)" in err
+    assert f"{folder.parent / 'ckpt-1'} looks complete: to use it, write ckpt-1 into {folder.parent / 'latest'}" in err
+    folder = damaged("shard", lambda f: truncate(f / "__0_0.distcp"))
+    err = error(checkpoint.read, str(folder.parent))
+    assert "is damaged (EOFError: shard __0_0.distcp is truncated" in err and "no other checkpoint is in" in err
+    folder = damaged("missing", lambda f: os.remove(f / "__0_0.distcp"))
+    assert "is damaged (FileNotFoundError: shard __0_0.distcp is missing)" in error(checkpoint.load_model, str(folder.parent))
+    folder = damaged("zeroed", lambda f: (f / "__0_0.distcp").write_bytes(bytes(os.path.getsize(f / "__0_0.distcp"))))
+    assert "is damaged (UnpicklingError: Unsupported operand 0): a shard may be corrupt" in \
+        error(checkpoint.load_model, str(folder.parent))
+    folder = damaged("training", lambda f: os.remove(f / "training.pt"), older=True)
+    assert f"{folder} is damaged: its training.pt is missing; {folder.parent / 'ckpt-1'} looks complete" in \
+        error(checkpoint.read, str(folder.parent))
+    for text in ("garbage\n", "ckpt-7\n", "\xff\xfe"):
+        folder = damaged("latest", lambda f: (f.parent / "latest").write_bytes(text.encode("latin-1")))
+        assert f"{folder.parent / 'latest'} is damaged: it names" in error(checkpoint.read, str(folder.parent))
+    # a ckpt.pt beside a complete folder: torn, it names the folder (and the scratch-run check reads it too)
+    out = tmp_path / "full"
+    folder = sharded_copy(trained_tiny, out)
+    os.remove(out / "latest")
+    shutil.copy(os.path.join(trained_tiny, "ckpt.pt"), out / "ckpt.pt")
+    truncate(out / "ckpt.pt")
+    err = error(checkpoint.read, str(out))
+    assert f"{out / 'ckpt.pt'} is damaged" in err and f"write ckpt-2 into {out / 'latest'} and remove {out / 'ckpt.pt'}" in err
+    (out / "latest").write_text("ckpt-2\n")  # as the sentence says
+    os.remove(out / "ckpt.pt")
+    assert checkpoint.read(str(out))["sharded"] == str(folder)
+    # a crafted value (not a tensor) inside a shard is refused as such
+    marker = tmp_path / "marker"
     dcp.save({"x": Evil(marker)}, checkpoint_id=tmp_path / "value", no_dist=True)
-    assert "was refused: a value in it asks to import code" in \
-        refused(checkpoint.load_sharded, {"x": None}, str(tmp_path / "value"))
+    with pytest.raises(SystemExit):
+        checkpoint.load_sharded({"x": None}, str(tmp_path / "value"))
+    assert "was refused: it asks to import posix.system" in capsys.readouterr().err
     assert not marker.exists()
-    folder = sharded_copy(trained_tiny, tmp_path / "torn")
-    os.remove(folder / "__0_0.distcp")
-    assert "could not be loaded (FileNotFoundError" in refused(checkpoint.load_model, str(tmp_path / "torn"))
+
+
+def test_damaged_shard_under_torchrun_is_one_sentence(tmp_path, trained_tiny):
+    """A shard torch.distributed.checkpoint finds corrupt while every process loads its part: one sentence,
+    from one process, no traceback (its error message was once empty, and the handler itself failed)."""
+    folder = sharded_copy(trained_tiny, tmp_path / "out")
+    (folder / "__0_0.distcp").write_bytes(bytes(os.path.getsize(folder / "__0_0.distcp")))
+    proc = subprocess.run(torchrun(tmp_path / "out", f"--dataset={os.path.dirname(trained_tiny)}/data",
+                                   "--init_from=resume"), cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert_said_once_by_train_py(proc)
+    assert f"{folder} is damaged (UnpicklingError: Unsupported operand 0): a shard may be corrupt" in proc.stderr
 
 
 def test_checkpoint_without_its_dataset_meta_is_one_sentence(tmp_path, trained_tiny):
