@@ -8,6 +8,8 @@ own shard into a folder ckpt-<iteration>/ (torch.distributed.checkpoint), and th
 the newest complete folder. Either kind resumes on any number of processes and loads in sample.py.
 """
 
+import errno
+import json
 import os
 import pickle
 import re
@@ -54,10 +56,14 @@ def lock(out_dir):
     if fcntl:
         try:
             fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder.seek(0)
-            fail(f"{out_dir} is in use by another run ({holder.read().strip() or 'just starting'}); wait for it to "
-                 f"end or stop it, or train into another --out_dir")
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # NFS without lockd (ENOLCK), Lustre (ENOSYS)
+                print(f"warning: the file system of {out_dir} has no locks ({e.strerror}), so a second run in this "
+                      f"out_dir would not be stopped: start one run in it at a time", file=sys.stderr)
+            else:
+                holder.seek(0)
+                fail(f"{out_dir} is in use by another run ({holder.read().strip() or 'just starting'}); wait for it "
+                     f"to end or stop it, or train into another --out_dir")
     holder.truncate(0)
     holder.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                  f"{shlex.join(command_line())}\n")
@@ -73,10 +79,14 @@ def save(path, state):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable, where the file system lets us
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        except OSError:  # some network file systems refuse it (EINVAL): their rename is durable as it is
+            pass
+        finally:
+            os.close(fd)
 
 
 def find(out_dir):
@@ -336,6 +346,27 @@ def save_training(out_dir, model, optimizer, procs, device, **extra):
     return folder
 
 
+def trim_log(path, iter_num):
+    """Drop from the log at path what a run resumed at iter_num will write again: training records after
+    iter_num, evaluation records from iter_num on (the resumed run evaluates at its first iteration)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line a kill cut short
+            continue
+        if record.get("iter", 0) < iter_num or ("train_loss" in record and record["iter"] == iter_num):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 def remove(out_dir, keep=None):
     """Remove the checkpoints in out_dir, of both kinds, all but keep (a path)."""
     for name in [CHECKPOINT, LATEST] + [n for n in os.listdir(out_dir) if re.fullmatch(r"ckpt-\d+", n)]:
@@ -361,7 +392,11 @@ def restore_training(checkpoint, model, optimizer, procs, device):
         sd, options = full_state_options()
         sd.set_model_state_dict(model, checkpoint["model"], options=options)
         sd.set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=options)
-    rng = checkpoint["rng"][procs.rank % len(checkpoint["rng"])]
+    set_rng_state(checkpoint["rng"][procs.rank % len(checkpoint["rng"])], device)
+
+
+def set_rng_state(rng, device):
+    """Continue the random stream that rng_state saved."""
     torch.set_rng_state(rng["cpu"])
     if device.startswith("cuda") and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"], device)

@@ -48,17 +48,37 @@ def start(device):
     if cuda:
         device = f"cuda:{env['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, which outlives restarts:
+        # after a restart (--max-restarts) the processes would find there the addresses of the attempt before
+        # and fail to connect (PyTorch 2.13), so each attempt keeps its keys under a prefix of its own
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=env["RANK"],
+                                world_size=env["WORLD_SIZE"])
+    else:
+        dist.init_process_group(backend)
     cpu_group = dist.new_group(backend="gloo") if cuda else None
     return Processes(env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], cpu_group), device
 
 
+def group(procs):
+    """The group of all processes under torchrun (what the loss's alpha is averaged over), None for one."""
+    return dist.group.WORLD if procs.distributed else None
+
+
 def barrier(procs):
-    """Under torchrun, wait for every process; if one stopped at a check instead (it said why), stop too."""
+    """Under torchrun, wait for every process; if one stopped at a check instead (it said why), stop too.
+    Any other failure to reach the others is said, with the usual cause on several machines."""
     if procs.distributed:
         try:
             dist.barrier(group=procs.cpu_group)
-        except Exception:  # gloo: "Connection closed by peer"
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if "closed by peer" not in first and "reset by peer" not in first:  # not a process that said why
+                fail(f"process {procs.rank} cannot reach the other processes ({first}); on several machines, name "
+                     f"the network interface they share with GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (ip addr "
+                     f"lists them)", local=True)
             sys.exit(1)
 
 
@@ -140,6 +160,20 @@ def shard(model, procs, parallel, dtype="float32"):
         fully_shard(block, mp_policy=mixed)
     fully_shard(model, mp_policy=mixed)
     register_fsdp_forward_method(model, "token_stats")  # evaluation calls it: gather the parameters for it too
+
+
+def compile(model, procs, parallel):
+    """torch.compile for training. One process and DDP: the whole model, one graph. FSDP: each block's
+    forward on its own (its activation checkpointing inside the graph), and the root's head with the full
+    loss path's loss, as torchtitan does: FSDP's gathers and frees run between the graphs, as hooks around
+    each block, where the whole model's graph would break at every one of them. Returns the module to call."""
+    if not (procs.distributed and parallel == "fsdp"):
+        return torch.compile(model)
+    for block in model.transformer.h:
+        block.forward = torch.compile(block.forward)  # the module keeps its name and FSDP's hooks stay outside
+    if model.config.loss_path == "full":  # the chunked loss compiles its per-chunk math itself
+        model.head_loss = torch.compile(model.head_loss)
+    return model
 
 
 def wrap(model, procs, parallel, device):

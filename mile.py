@@ -75,19 +75,20 @@ def masked_mean(x, keep):
     return torch.where(keep, x, 0.0).sum() / keep.sum()
 
 
-def normalizer(weights, keep=None):
-    """Step 3: alpha = 1 / mean_i(w_i) (over keep); under torch.distributed, the mean over ranks of each
-    rank's alpha."""
-    return mean_over_ranks(1.0 / (weights.mean() if keep is None else masked_mean(weights, keep)))
+def normalizer(weights, keep=None, group=None):
+    """Step 3: alpha = 1 / mean_i(w_i) (over keep); with a process group (data parallelism), the mean over
+    its processes of each one's alpha."""
+    return mean_over_ranks(1.0 / (weights.mean() if keep is None else masked_mean(weights, keep)), group)
 
 
-def mean_over_ranks(alpha):
-    """Under torch.distributed: the sum of the per-rank values divided by the world size. This is a
-    collective: once a process group exists, every rank must compute the loss together."""
-    if dist.is_available() and dist.is_initialized():
+def mean_over_ranks(alpha, group=None):
+    """The mean of alpha over the processes of group (torch.distributed), as the authors' code averages it;
+    alpha itself without a group. With one, this is a collective: every process of the group must compute
+    the loss together (train.py passes the group; a loss computed in one process alone passes none)."""
+    if group is not None:
         alpha = alpha.clone()
-        dist.all_reduce(alpha, op=dist.ReduceOp.SUM)
-        alpha = alpha / dist.get_world_size()
+        dist.all_reduce(alpha, op=dist.ReduceOp.SUM, group=group)
+        alpha = alpha / dist.get_world_size(group)
     return alpha
 
 
@@ -102,35 +103,36 @@ def cross_entropy_loss(logits, targets, ignore_index=-1):
     return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
-def mile_loss(logits, targets, gamma=1.0, sigma=1.0, ignore_index=-1):
+def mile_loss(logits, targets, gamma=1.0, sigma=1.0, ignore_index=-1, group=None):
     """Step 4, MiLe: L = mean_i(alpha * w_i * CE_i) with w_i = (sigma + H_i) ** gamma, alpha = 1 / mean(w)."""
     logits, targets = _flatten(logits, targets)
     keep = targets != ignore_index  # the positions that count: both means run over these
     log_p = F.log_softmax(logits, dim=-1)  # log p_i, shared by CE_i and H_i
     ce = F.nll_loss(log_p, targets, reduction="none", ignore_index=ignore_index)  # CE_i = -log p_i[y_i]
     w = mile_weights(entropy(log_p.detach()), gamma, sigma)  # w_i, no gradient
-    alpha = normalizer(w, keep)  # alpha, no gradient
+    alpha = normalizer(w, keep, group)  # alpha, no gradient
     return masked_mean(alpha * w * ce, keep)  # L
 
 
-def focal_loss(logits, targets, gamma=1.0, ignore_index=-1):
+def focal_loss(logits, targets, gamma=1.0, ignore_index=-1, group=None):
     """Focal: L = mean_i(alpha * w_i * CE_i) with w_i = (1 - exp(-CE_i)) ** gamma, alpha = 1 / mean(w)."""
     logits, targets = _flatten(logits, targets)
     keep = targets != ignore_index  # the positions that count: both means run over these
     ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=ignore_index)  # CE_i
     w = focal_weights(ce, gamma)  # w_i, no gradient
-    alpha = normalizer(w, keep)  # alpha, no gradient
+    alpha = normalizer(w, keep, group)  # alpha, no gradient
     return masked_mean(alpha * w * ce, keep)  # L
 
 
-def build_loss(name, gamma=1.0, sigma=1.0, ignore_index=-1):
-    """The training loss by name: a function (logits, targets) -> scalar loss."""
+def build_loss(name, gamma=1.0, sigma=1.0, ignore_index=-1, group=None):
+    """The training loss by name: a function (logits, targets) -> scalar loss. group: the processes alpha is
+    averaged over (data parallelism), or None."""
     if name == "ce":
         return lambda logits, targets: cross_entropy_loss(logits, targets, ignore_index)
     if name == "focal":
-        return lambda logits, targets: focal_loss(logits, targets, gamma, ignore_index)
+        return lambda logits, targets: focal_loss(logits, targets, gamma, ignore_index, group)
     if name == "mile":
-        return lambda logits, targets: mile_loss(logits, targets, gamma, sigma, ignore_index)
+        return lambda logits, targets: mile_loss(logits, targets, gamma, sigma, ignore_index, group)
     raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
 
 
@@ -216,28 +218,38 @@ def chunk_loss_terms(logits, targets, loss, gamma, sigma, ignore_index, need_gra
     return sums, grad.to(logits.dtype)
 
 
-_compiled_terms = None  # chunk_loss_terms through torch.compile, made on first use
+_compiled_terms = None  # chunk_loss_terms through torch.compile, made on first use; False where it cannot compile
+_compiled_ran = False  # whether it has run once: after that, an error is the computation's, not the compiler's
 
 
 def _terms_fn(compiled):
-    """The per-chunk function: compiled where torch.compile works, else (with a warning) eager.
-    Static shapes (dynamic=False): a shorter last chunk gets its own graph rather than turning the
-    first one into a slower dynamic-shape graph."""
+    """The per-chunk function: compiled where torch.compile works, else (with a warning) eager. Only an
+    error of the first compiled call turns to eager (no compiler on this platform, an unsupported Python);
+    an out-of-memory error, or any error after that, is raised as it is. Static shapes (dynamic=False): a
+    shorter last chunk gets its own graph rather than turning the first one into a slower dynamic-shape graph."""
     global _compiled_terms
     if not compiled or _compiled_terms is False:
         return chunk_loss_terms
     if _compiled_terms is None:
         _compiled_terms = torch.compile(chunk_loss_terms, dynamic=False)
+    if _compiled_ran:
+        return _compiled_terms
 
-    def terms(*args):
-        global _compiled_terms
+    def first_call(*args):
+        global _compiled_terms, _compiled_ran
+        if _compiled_terms is False:  # a chunk before this one failed to compile
+            return chunk_loss_terms(*args)
         try:
-            return _compiled_terms(*args)
-        except Exception as e:  # no compiler on this platform, an unsupported Python, ...
+            result = _compiled_terms(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
             warnings.warn(f"torch.compile failed ({type(e).__name__}); chunked loss falls back to eager")
             _compiled_terms = False
             return chunk_loss_terms(*args)
-    return terms
+        _compiled_ran = True
+        return result
+    return first_call
 
 
 _mixed_addmm = True  # torch.addmm(..., out_dtype=float32) with bf16/fp16 inputs, on CUDA in recent PyTorch
@@ -263,7 +275,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """loss(hidden @ weight.T, targets) for ce, focal or mile, one chunk of rows at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, loss, gamma, sigma, ignore_index, chunk_size, compiled, need_grad):
+    def forward(ctx, hidden, weight, targets, loss, gamma, sigma, ignore_index, chunk_size, compiled, need_grad, group):
         # the matmuls run in the autocast dtype when autocast is on (bf16 on GPUs), else in hidden's;
         # the loss math is float32 in chunk_loss_terms, the weight's gradient is summed in float32
         device_type = hidden.device.type
@@ -285,7 +297,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             wce_sum, w_sum = torch.stack(sums).sum(dim=0)
             n = (targets != ignore_index).sum()
             # alpha = 1 / mean_i(w_i) = n / sum_i w_i, averaged over ranks like normalizer(); 1 for CE
-            alpha = torch.ones((), device=hidden.device) if loss == "ce" else mean_over_ranks(n / w_sum)
+            alpha = torch.ones((), device=hidden.device) if loss == "ce" else mean_over_ranks(n / w_sum, group)
             scale = alpha / n
             if need_grad:
                 ctx.save_for_backward(grad_hidden, grad_weight, scale)
@@ -303,18 +315,19 @@ class ChunkedHeadLoss(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = grad_hidden.to(hidden_dtype).mul_(scale.to(hidden_dtype))
         grad_weight = grad_weight.mul_(scale).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def chunked_loss(hidden, weight, targets, loss="mile", gamma=1.0, sigma=1.0, ignore_index=-1,
-                 chunk_size=DEFAULT_CHUNK_SIZE, compiled=True, vocab_size=None):
+                 chunk_size=DEFAULT_CHUNK_SIZE, compiled=True, vocab_size=None, group=None):
     """The loss of the logits hidden @ weight.T, as ce, focal or mile (same semantics as the
     readable losses), computed chunk_size rows at a time. hidden (..., d), weight (V, d), targets (...).
     compiled: run the per-chunk math through torch.compile (falls back to eager where it fails).
-    vocab_size: the logits are the first vocab_size columns only, the rest of weight's rows padding."""
+    vocab_size: the logits are the first vocab_size columns only, the rest of weight's rows padding.
+    group: the processes alpha is averaged over (data parallelism), or None."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
     weight = weight[:vocab_size]  # a view, no copy; the padding's rows get no gradient
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedHeadLoss.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1), loss,
-                                 float(gamma), float(sigma), ignore_index, chunk_size, compiled, need_grad)
+                                 float(gamma), float(sigma), ignore_index, chunk_size, compiled, need_grad, group)

@@ -131,8 +131,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = Norm(config)
         self.mlp = MLP(config)
+        self.recompute = config.activation_checkpointing
 
     def forward(self, x, cache=None):
+        if self.recompute and torch.is_grad_enabled():  # keep x only; backward computes the block again
+            return torch.utils.checkpoint.checkpoint(self.compute, x, use_reentrant=False)
+        return self.compute(x, cache)
+
+    def compute(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -160,6 +166,9 @@ class GPT(nn.Module):
         # Python and its per-chunk math is compiled on its own. (torch.compiler.disable imports the compiler,
         # 1.9 s on 2 CPU cores: only a model that is compiled anyway asks for it)
         self.chunked_loss = torch.compiler.disable(chunked_loss) if config.compiled else chunked_loss
+        # the processes MiLe's and Focal's alpha is averaged over in training (train.py sets it under torchrun;
+        # mile.normalizer): None, so that a model used in one process alone computes its loss alone
+        self.loss_group = None
 
         self.init_weights()
 
@@ -222,10 +231,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            if self.config.activation_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # the block runs again in backward
-            else:
-                x = block(x, None if cache is None else cache[i])
+            x = block(x, None if cache is None else cache[i])
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):
@@ -249,9 +255,10 @@ class GPT(nn.Module):
         if cfg.loss_path == "chunked":
             chunk_size = cfg.loss_chunk_size or default_chunk_size(cfg.vocab_size, x.device.type)
             return None, self.chunked_loss(x, self.lm_head.weight, targets, cfg.loss, cfg.gamma, cfg.sigma,
-                                           chunk_size=chunk_size, compiled=cfg.compiled, vocab_size=cfg.vocab_size)
+                                           chunk_size=chunk_size, compiled=cfg.compiled, vocab_size=cfg.vocab_size,
+                                           group=self.loss_group)
         logits = self.logits(x)
-        return logits, build_loss(cfg.loss, cfg.gamma, cfg.sigma)(logits, targets)
+        return logits, build_loss(cfg.loss, cfg.gamma, cfg.sigma, group=self.loss_group)(logits, targets)
 
     @torch.no_grad()
     def token_stats(self, idx, targets):

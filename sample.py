@@ -33,6 +33,8 @@ parser.add_argument("--temperature", type=float, default=0.8, help="below 1 is m
 parser.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens only; 0 for all (default: 200)")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="the matmuls' precision: auto is bfloat16 on a CUDA GPU that has it, else float32 (default: auto)")
 parser.add_argument("--no_cache", action="store_true", help="recompute the whole context at every step (slow; for comparison)")
 args = parser.parse_args()
 if args.num_samples < 1:
@@ -96,7 +98,7 @@ else:
 
     def decode(ids):
         return tokenizer.decode(ids)
-ctx = autocast(device, resolve_dtype("auto", device))
+ctx = autocast(device, resolve_dtype(args.dtype, device))
 
 # -----------------------------------------------------------------------------
 # prompt and sampling

@@ -24,7 +24,7 @@ class Settings:
     log_interval: int = 50
     eval_iters: int = 25  # evaluation batches per split and per process
     eval_only: bool = False  # evaluate once and exit
-    init_from: str = "scratch"  # "scratch", "resume" (from out_dir), or Hugging Face weights: gpt2[-medium|-large|-xl] or a directory
+    init_from: str = "scratch"  # "scratch", "resume" (from out_dir), "auto" (resume if out_dir holds a checkpoint, else scratch), or Hugging Face weights: gpt2[-medium|-large|-xl] or a directory
     overwrite: bool = False  # let a scratch run replace the checkpoint (and log) of an earlier run in out_dir
     # data
     dataset: str = "shakespeare_char"  # a folder in data/, or a path, holding meta.pkl and {train,val}.bin or {train,val}_*.bin shards
@@ -69,8 +69,10 @@ class Settings:
 
 KEYS = [f.name for f in dataclasses.fields(Settings)]
 # settings of the machine and the command, never taken over from a resumed checkpoint
-MACHINE_KEYS = ("out_dir", "init_from", "overwrite", "device", "dtype", "compile", "parallel", "activation_checkpointing",
-                "peak_flops_per_s")
+MACHINE_KEYS = ("out_dir", "init_from", "overwrite", "device", "dtype", "peak_flops_per_s")
+# how a run computes: a resumed run keeps them too, unless given again (a 7B run that trained sharded, with its
+# activations recomputed, would not fit resumed as DDP), and says so
+RUN_KEYS = ("parallel", "activation_checkpointing", "compile")
 # names of earlier versions: a flag or config key that uses one is told the new name
 RENAMED = {"chunked_loss": ("loss_path", "auto, full or chunked"),
            "compile_loss": ("compile", "it compiles the model and the chunked loss's per-chunk math together")}
@@ -169,6 +171,35 @@ def resumed(cfg, saved, explicit):
     if "batch_size" in explicit and "gradient_accumulation_steps" not in explicit and "batch_size" in saved:
         keep_global_batch(cfg, saved["batch_size"], saved["gradient_accumulation_steps"], "the resumed run")
     return cfg
+
+
+def resumed_line(cfg, saved, explicit):
+    """What the start-up line of a resumed run adds: how it computes (kept from the checkpoint, or given now),
+    and the sequences an optimizer step when they differ from the checkpoint's."""
+    said = "as it ran: " + ", ".join(f"{key}={getattr(cfg, key)}" for key in RUN_KEYS if key not in explicit)
+    given = [f"{key}={getattr(cfg, key)}" for key in RUN_KEYS if key in explicit]
+    said += f"; given now: {', '.join(given)}" if given else ""
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps
+    before = saved.get("batch_size", cfg.batch_size) * saved.get("gradient_accumulation_steps", 1)
+    if sequences != before:
+        said += f"; {sequences} sequences an optimizer step where the checkpoint's run took {before}"
+    return said
+
+
+def split_over_processes(cfg, world_size):
+    """Stop with one sentence unless the micro-batches of an optimizer step (gradient_accumulation_steps,
+    over all processes) split evenly over world_size processes, naming settings that keep the step's
+    sequences when there are some."""
+    steps, sequences = cfg.gradient_accumulation_steps, cfg.gradient_accumulation_steps * cfg.batch_size
+    if steps % world_size == 0:
+        return
+    splits = [(n, sequences // n) for n in range(world_size, sequences + 1, world_size) if sequences % n == 0]
+    advice = ""
+    if splits:
+        n, b = min(splits, key=lambda s: abs(s[1] - cfg.batch_size))
+        advice = f"; --gradient_accumulation_steps={n} --batch_size={b} keeps the {sequences} sequences of a step"
+    fail(f"gradient_accumulation_steps ({steps}) must be a multiple of the number of processes ({world_size}): "
+         f"each takes an equal share of the micro-batches of a step{advice}")
 
 
 def check(cfg):

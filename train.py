@@ -9,6 +9,8 @@ Choose the loss, or any other setting of settings.py, with --key=value, after an
     python train.py config/train_shakespeare_char.py --loss=focal --gamma=1
 Continue a run from its last checkpoint (Ctrl-C or SIGTERM saves one and prints this command):
     python train.py --out_dir=out --init_from=resume
+or, the same command whether or not there is one to continue (torchrun --max-restarts, requeued jobs):
+    python train.py --out_dir=out --init_from=auto
 On several devices, one process each, through torchrun (DDP; --parallel=fsdp shards the model):
     torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare.py --gradient_accumulation_steps=8
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
@@ -16,6 +18,7 @@ On several devices, one process each, through torchrun (DDP; --parallel=fsdp sha
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -46,6 +49,8 @@ from system import StopSignals, autocast, fail, peak_flops, resolve_device, reso
 # settings: the defaults of settings.py, then a config file, then --key=value flags (-h lists them); a
 # resumed run continues with the settings it was saved with, except those given here
 cfg, explicit = settings.parse(sys.argv[1:], __doc__)
+if cfg.init_from == "auto":  # resume if out_dir holds a checkpoint, else start from scratch
+    cfg.init_from = "resume" if os.path.isdir(cfg.out_dir) and checkpoint.find(cfg.out_dir) else "scratch"
 resumed = checkpoint.read(cfg.out_dir) if cfg.init_from == "resume" else None  # its newest checkpoint
 if resumed:
     cfg = settings.resumed(cfg, resumed["config"], explicit)
@@ -57,9 +62,7 @@ stop = StopSignals()  # Ctrl-C and SIGTERM: stop at once until training begins, 
 procs, device = distributed.start(resolve_device(cfg.device))
 device_type = device.split(":")[0]  # cuda, mps or cpu
 dtype = resolve_dtype(cfg.dtype, device)
-if cfg.gradient_accumulation_steps % procs.world_size:
-    fail(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of the number of "
-         f"processes ({procs.world_size}): each takes an equal share of the micro-batches of a step")
+settings.split_over_processes(cfg, procs.world_size)
 micro_steps = cfg.gradient_accumulation_steps // procs.world_size  # this process's share of each optimizer step
 # bf16 / fp16 matmuls on a GPU, the loss math in float32 (mile.py); FSDP casts the weights itself in bf16
 ctx = nullcontext() if distributed.casts_weights(procs, cfg.parallel, dtype) else autocast(device, dtype)
@@ -119,7 +122,8 @@ if resumed:
     model_args = {**resumed["model_args"], **model_args}  # and what settings have no key for (rope_theta, ...)
     iter_num = resumed["iter_num"]
     if procs.master:
-        print(f"resuming from {resumed.get('sharded') or checkpoint.find(cfg.out_dir)} at iteration {iter_num}")
+        print(f"resuming from {resumed.get('sharded') or checkpoint.find(cfg.out_dir)} at iteration {iter_num}, "
+              + settings.resumed_line(cfg, resumed["config"], explicit))
 if cfg.init_from in ("scratch", "resume"):  # each process makes only its own shard under FSDP
     raw_model = distributed.build(GPTConfig(**model_args), procs, cfg.parallel, device, cfg.seed, dtype)
 else:  # pretrained Hugging Face weights (requirements-hf.txt): the shape is theirs, the rest ours
@@ -134,6 +138,7 @@ else:  # pretrained Hugging Face weights (requirements-hf.txt): the shape is the
     if procs.master:
         print(f"starting from the weights of {cfg.init_from}")
 model = raw_model  # raw_model: the module whose state we save and load, plain or sharded in place by FSDP
+raw_model.loss_group = distributed.group(procs)  # MiLe's and Focal's alpha: averaged over all processes
 torch.manual_seed(cfg.seed + procs.rank)  # but dropout differs between processes (the data is drawn apart)
 optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
 if resumed:
@@ -143,7 +148,7 @@ if cfg.compile:
     if procs.master:
         print("compiling the model: the first step waits for it" + (" (minutes on a CPU; --compile=False starts at "
                                                                      "once)" if device_type == "cpu" else ""))
-    model = torch.compile(model)
+    model = distributed.compile(model, procs, cfg.parallel)
 model = distributed.wrap(model, procs, cfg.parallel, device)
 if procs.master:
     logit_bytes = cfg.batch_size * cfg.block_size * meta["vocab_size"] * FULL_BYTES_PER_LOGIT[cfg.compile]
@@ -170,18 +175,30 @@ peak = cfg.peak_flops_per_s or (peak_flops(torch.cuda.get_device_name(device)) i
 def evaluate():
     """Plain cross-entropy, what makes CE, Focal and MiLe runs comparable, on the fixed evaluation batches of
     each split, overall and per frequency bucket, with the mean entropy of the predictions (evaluate.py).
-    Each process takes eval_iters batches of its own; their sums are added up over the processes."""
+    Each process takes eval_iters batches of its own; their sums are added up over the processes. None when
+    a stop is agreed on between two batches: the evaluation is dropped, so that the checkpoint comes soon."""
     model.eval()
     stats = {}
     for split in ("train", "val"):
         first = procs.rank * cfg.eval_iters
-        batches = (get_batch(split, None, k) for k in range(first, first + cfg.eval_iters))
+        ks = itertools.takewhile(lambda _: not stop_agreed(), range(first, first + cfg.eval_iters))
         with ctx:
-            sums = bucket_sums(raw_model, tqdm(batches, total=cfg.eval_iters, desc=f"evaluating {split}",
-                                               leave=False, disable=None if procs.master else True), bucket_of)
+            sums = bucket_sums(raw_model, tqdm((get_batch(split, None, k) for k in ks), total=cfg.eval_iters,
+                                               desc=f"evaluating {split}", leave=False,
+                                               disable=None if procs.master else True), bucket_of)
+        if stopping:
+            break
         stats[split] = bucket_stats(distributed.total(procs, sums))
     model.train()
-    return stats
+    return None if stopping else stats
+
+
+def stop_agreed():
+    """Whether a stop was asked for (Ctrl-C, SIGTERM) in any process. Every process asks at the same points,
+    between two micro-batches or two evaluation batches; once they have agreed, nobody asks again."""
+    global stopping
+    stopping = stopping or distributed.any_process(procs, stop.requested.is_set())
+    return stopping
 
 
 def get_lr(it):
@@ -220,6 +237,8 @@ if procs.master:
         checkpoint.remove(cfg.out_dir)
         if os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")):
             os.remove(os.path.join(cfg.out_dir, "log.jsonl"))
+    else:  # what was logged after the checkpoint happens again now: each iteration stays in the log once
+        checkpoint.trim_log(os.path.join(cfg.out_dir, "log.jsonl"), iter_num)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 saved_at = checkpoint.find(cfg.out_dir)
@@ -228,8 +247,8 @@ save_every = cfg.checkpoint_interval or cfg.eval_interval
 progress = tqdm(total=cfg.max_iters, initial=iter_num, unit="it", dynamic_ncols=True,
                 disable=None if procs.master else True)
 t_start = t_last = time.time()
-iters_since_log, val_ce, stopping = 0, float("nan"), False
-train_loss = torch.zeros((), device=device)
+iters_since_log, val_ce, stopping, dropped = 0, float("nan"), False, ""
+train_loss = torch.zeros((), device=device)  # of the last completed step
 stop.training = True
 while True:
     lr = get_lr(iter_num) if cfg.decay_lr else cfg.learning_rate
@@ -239,6 +258,9 @@ while True:
     if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
         t_eval = time.time()
         stats = evaluate()
+        if stats is None:  # stopped during the evaluation
+            dropped = " (the evaluation under way was dropped)"
+            break
         val_ce = stats["val"]["ce"]
         stop_unless_finite(val_ce, "the validation loss")
         if procs.master:
@@ -258,13 +280,15 @@ while True:
         t_last += time.time() - t_save
     if iter_num >= cfg.max_iters:
         break
-    if distributed.any_process(procs, stop.requested.is_set()):
-        stopping = True
+    if stop_agreed():
         break
 
-    # one optimizer step over gradient_accumulation_steps micro-batches, micro_steps of them in this process
-    train_loss = torch.zeros((), device=device)
+    # one optimizer step over gradient_accumulation_steps micro-batches, micro_steps of them in this process;
+    # a stop agreed on between two of them abandons the step, so the checkpoint holds the step before it
+    step_rng, step_loss = checkpoint.rng_state(device), torch.zeros((), device=device)
     for micro_step in range(micro_steps):
+        if micro_step and stop_agreed():
+            break
         last = micro_step == micro_steps - 1
         X, Y = get_batch("train", iter_num, procs.rank * micro_steps + micro_step)
         # DDP averages the gradients over the processes on the last micro-batch only; FSDP reduce-scatters
@@ -274,7 +298,13 @@ while True:
                 _, loss = model(X, Y)
                 loss = loss / micro_steps  # the step's loss is the mean over its micro-batches
             scaler.scale(loss).backward()
-        train_loss += loss.detach()
+        step_loss += loss.detach()
+    if stopping:  # its gradients dropped and the random stream (dropout) rewound: resumed, it runs again
+        optimizer.zero_grad(set_to_none=True)
+        checkpoint.set_rng_state(step_rng, device)
+        dropped = f" (iteration {iter_num + 1}, under way, was dropped)"
+        break
+    train_loss = step_loss
     if cfg.grad_clip > 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -309,7 +339,7 @@ if stopping:
         saved_at = save()
     resume = [arg for arg in checkpoint.command_line() if not arg.startswith(("--init_from=", "--overwrite="))]
     if procs.master and (iter_num > first_iter or cfg.init_from == "resume"):
-        print(f"interrupted at iteration {iter_num}: checkpoint in {saved_at}; resume with: "
+        print(f"interrupted at iteration {iter_num}{dropped}: checkpoint in {saved_at}; resume with: "
               f"{shlex.join(resume + ['--init_from=resume'])}")
     elif procs.master:
         print("interrupted before the first step: nothing to save")

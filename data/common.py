@@ -8,6 +8,7 @@ Downloads are cached in $NANOMILE_CACHE (default ~/.cache/nanomile): a second ru
 
 import base64
 import fnmatch
+import functools
 import glob
 import hashlib
 import os
@@ -205,6 +206,14 @@ def dataset_dir(dataset):
     return os.path.join(DATA_DIR, dataset)
 
 
+@functools.lru_cache(maxsize=16)
+def split_layout(data_dir, split, block_size):
+    """(files, window starts per file) of a split: listed and sized once per process, not at every
+    micro-batch (a hundred FineWeb shards would be a hundred calls to a parallel file system each time)."""
+    files = split_files(data_dir, split)
+    return files, np.array([max(os.path.getsize(f) // 2 - block_size, 0) for f in files])
+
+
 def get_windows(data_dir, split, seed, step, micro_step, batch_size, block_size):
     """batch_size windows of block_size + 1 consecutive tokens of `split`, as an int64 array: inputs
     are [:, :-1], targets [:, 1:]. Positions are uniform over all the files of the split where a whole
@@ -213,10 +222,9 @@ def get_windows(data_dir, split, seed, step, micro_step, batch_size, block_size)
     The draw is a pure function of (seed, split, step, micro_step), so a resumed run sees exactly the
     batches an uninterrupted one would have seen, whatever the number of processes. step=None draws
     the fixed evaluation batches, from a stream of their own."""
-    files = split_files(data_dir, split)
+    files, fits = split_layout(data_dir, split, block_size)
     stream = [0] if step is None else [1, step]
     rng = np.random.default_rng([seed, ("train", "val").index(split), *stream, micro_step])
-    fits = np.array([max(os.path.getsize(f) // 2 - block_size, 0) for f in files])  # window starts per file
     ix = rng.integers(fits.sum(), size=batch_size)
     first = np.cumsum(fits) - fits  # the first global start of each file
     which = np.searchsorted(first + fits, ix, side="right")  # the file each window falls in

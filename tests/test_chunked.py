@@ -330,3 +330,29 @@ def test_bench_counts_the_loops_over_the_vocabulary():
         for(int64_t x2=static_cast<int64_t>(0L); x2<static_cast<int64_t>(768L); x2+=static_cast<int64_t>(1L))
     """
     assert bench.loops_over_v(code, 50304) == 2 and bench.loops_over_v(code, 8192) == 0
+
+
+def test_compiled_chunks_fall_back_to_eager_only_for_a_first_call_that_fails(monkeypatch):
+    """No compiler at the first call: a warning, then eager, the same loss. Out of memory, or an error once the
+    compiled function has run: raised as it is, never hidden as a compiler failure (nor retried with more memory)."""
+    import mile
+    hidden, weight, targets = torch.randn(6, 4), torch.randn(5, 4), torch.randint(5, (6,))
+    expected = chunked_loss(hidden, weight, targets, chunk_size=4, compiled=False)
+
+    def failing(error):
+        def terms(*args):
+            raise error
+        return terms
+    monkeypatch.setattr(mile, "_compiled_ran", False)
+    monkeypatch.setattr(mile, "_compiled_terms", failing(RuntimeError("no C compiler")))
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError\); chunked loss falls back to eager"):
+        assert chunked_loss(hidden, weight, targets, chunk_size=4, compiled=True) == expected
+    assert mile._compiled_terms is False
+    monkeypatch.setattr(mile, "_compiled_terms", failing(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        chunked_loss(hidden, weight, targets, chunk_size=4, compiled=True)
+    monkeypatch.setattr(mile, "_compiled_terms", mile.chunk_loss_terms)  # it ran once ...
+    assert chunked_loss(hidden, weight, targets, chunk_size=4, compiled=True) == expected and mile._compiled_ran
+    monkeypatch.setattr(mile, "_compiled_terms", failing(RuntimeError("a later error")))  # ... so this is raised
+    with pytest.raises(RuntimeError, match="a later error"):
+        chunked_loss(hidden, weight, targets, chunk_size=4, compiled=True)

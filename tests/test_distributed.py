@@ -93,19 +93,20 @@ def _rank_main(fn, rank, world, port, queue, args):
 
 
 def _alpha_and_grad(rank, world, logits, targets, chunked):
+    import torch.distributed as dist
     from mile import mean_over_ranks, mile_weights
     if chunked:  # logits = hidden @ I: the chunked path on the same numbers
         hidden = logits[rank].clone().requires_grad_(True)
         eye = torch.eye(logits.size(-1))
-        loss = chunked_loss(hidden, eye, targets[rank], chunk_size=5, compiled=False)
+        loss = chunked_loss(hidden, eye, targets[rank], chunk_size=5, compiled=False, group=dist.group.WORLD)
         loss.backward()
         grad = hidden.grad
     else:
         z = logits[rank].clone().requires_grad_(True)
-        loss = mile_loss(z, targets[rank])
+        loss = mile_loss(z, targets[rank], group=dist.group.WORLD)
         loss.backward()
         grad = z.grad
-    alpha = mean_over_ranks(1.0 / mile_weights(token_entropy(logits[rank])).mean())
+    alpha = mean_over_ranks(1.0 / mile_weights(token_entropy(logits[rank])).mean(), dist.group.WORLD)
     return alpha.item(), loss.item(), grad
 
 
@@ -149,10 +150,13 @@ COMBINATIONS = [(loss, chunked) for loss in ("focal", "mile") for chunked in (Fa
 
 def _ddp_grads(rank, world, idx, targets):
     """The DDP gradients of each (loss, chunked) combination, one after the other in these processes."""
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     grads = {}
     for loss, chunked in COMBINATIONS:
-        model = DDP(tiny_model(loss, chunked))
+        model = tiny_model(loss, chunked)
+        model.loss_group = dist.group.WORLD  # alpha averaged over the processes, as train.py sets it
+        model = DDP(model)
         model(idx[rank], targets[rank])[1].backward()  # DDP averages the gradients over the ranks
         grads[loss, chunked] = {n: p.grad for n, p in model.module.named_parameters()}
     return grads
@@ -323,16 +327,26 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path):
         assert resumed[it] == straight[it], it
 
 
+def torchrun(out, *args, restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            f"--max-restarts={restarts}", os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args]
+
+
+def start(cmd, tmp_path):
+    """A command in the background, its output readable line by line as it comes."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"})
+
+
 def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path):
-    """How clusters preempt: SIGTERM to torchrun, which passes it to every process; they finish the step under
-    way, save, and the first one prints the command that resumes. Checkpoints came every checkpoint_interval
-    steps before that, apart from the evaluations."""
+    """How clusters preempt: SIGTERM to torchrun, which passes it to every process; they agree to stop between
+    two micro-batches (the step under way is dropped) or two evaluation batches (the evaluation is dropped),
+    save the last completed step, and the first process prints the command that resumes. Checkpoints came
+    every checkpoint_interval steps before that, apart from the evaluations. A resumed run keeps the
+    parallelism it was saved with, unless told otherwise."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, "--loss=ce", "--gradient_accumulation_steps=2",
-           "--parallel=fsdp", "--max_iters=100000", "--eval_interval=100000", "--checkpoint_interval=2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "TMPDIR": str(tmp_path)})
+    proc = start(torchrun(out, "--loss=ce", "--gradient_accumulation_steps=2", "--parallel=fsdp", "--max_iters=100000",
+                          "--eval_interval=100000", "--checkpoint_interval=2"), tmp_path)
     deadline = time.time() + 300
     while last_logged(out) < 5:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -341,10 +355,70 @@ def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path
     assert re.fullmatch(r"ckpt-\d*[02468]", by_interval)  # saved at an even step, with no evaluation since 0
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    stopped_at = last_logged(out)
-    assert f"interrupted at iteration {stopped_at}: checkpoint in {out / f'ckpt-{stopped_at}'}" in stdout, stdout + stderr
+    assert proc.returncode != 0
+    stopped_at = ckpt_iter = last_logged(out)
+    assert f"interrupted at iteration {stopped_at}" in stdout and f"checkpoint in {out / f'ckpt-{stopped_at}'}" in stdout
     assert "--init_from=resume" in stdout and "torch.distributed.run --standalone --nproc_per_node=2" in stdout
     assert (out / "latest").read_text() == f"ckpt-{stopped_at}\n"
+
+    # resumed without --parallel, with steps of 4000 micro-batches (tens of seconds): SIGTERM within one
+    proc = start(torchrun(out, "--init_from=resume", "--gradient_accumulation_steps=4000"), tmp_path)
+    line = ""
+    while "resuming from" not in line:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, proc.communicate()
+    assert "as it ran: parallel=fsdp, activation_checkpointing=none, compile=False; 16000 sequences an optimizer " \
+           "step where the checkpoint's run took 8" in line
+    time.sleep(3)  # into the first step
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    print(f"SIGTERM within a step to exit, checkpoint saved: {time.time() - signalled:.1f} s")
+    assert f"interrupted at iteration {ckpt_iter} (iteration {ckpt_iter + 1}, under way, was dropped): checkpoint " \
+           f"in {out / f'ckpt-{ckpt_iter}'}" in stdout, stdout + stderr
+    assert last_logged(out) == ckpt_iter and (out / "latest").read_text() == f"ckpt-{ckpt_iter}\n"
+    assert json.load(open(out / "config.json"))["parallel"] == "fsdp"
+
+    # resumed again, evaluating (1,000,000 batches a process) after one step: SIGTERM within the evaluation
+    proc = start(torchrun(out, "--init_from=resume", f"--eval_interval={ckpt_iter + 1}", "--eval_iters=1000000"),
+                 tmp_path)
+    while last_logged(out) < ckpt_iter + 1:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(1)  # into the evaluation
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert f"interrupted at iteration {ckpt_iter + 1} (the evaluation under way was dropped): checkpoint in " \
+           f"{out / f'ckpt-{ckpt_iter + 1}'}" in stdout, stdout + stderr
+    assert not any("val_ce" in r and r["iter"] > 0 for r in map(json.loads, open(out / "log.jsonl")))
+
+
+def test_torchrun_restarts_a_killed_process_and_the_run_ends_as_if_never_killed(tmp_path):
+    """How a job survives a lost process: torchrun --max-restarts starts every process again with the same
+    command, and --init_from=auto resumes from the newest checkpoint (a scratch run at first). The log holds
+    each iteration once, and every number in it is the uninterrupted run's."""
+    from test_trust import rank_pid
+    args = ["--loss=mile", "--dropout=0.1", "--gradient_accumulation_steps=8", "--max_iters=60", "--eval_interval=20",
+            "--checkpoint_interval=10", "--init_from=auto"]
+    straight = subprocess.run(torchrun(tmp_path / "straight", *args), cwd=ROOT, capture_output=True, text=True,
+                              env={**ENV, "TMPDIR": str(tmp_path)}, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    proc = start(torchrun(out, *args, restarts=1), tmp_path)
+    deadline = time.time() + 300
+    while last_logged(out) < 25:  # past the checkpoint at 20
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.005)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert re.search(rf"resuming from {re.escape(str(out))}/ckpt-\d+ at iteration [1-9]", stdout), stdout
+
+    def records(run):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "peak_memory_gib")}
+                for r in map(json.loads, open(tmp_path / run / "log.jsonl"))]
+    assert records("killed") == records("straight")  # the same records in the same order: bit-exact, no repeats
+    assert [r["iter"] for r in records("straight") if "train_loss" in r] == list(range(1, 61))
 
 
 def _check_shared(rank, world, tmp):
@@ -367,3 +441,58 @@ def test_every_process_must_see_the_out_dir_of_process_0(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert run_ranks(_check_shared, tmp_path) == [[0, 1], [0, 1]]
+
+
+def test_barrier_says_why_it_cannot_reach_the_others(monkeypatch, capsys):
+    """A process that stopped at a check said why, so the others leave the barrier without a word; any other
+    failure (a wrong network interface on several machines) is one sentence naming the variables to set."""
+    import distributed
+    procs = distributed.Processes(1, 0, 2, 1)
+    for error, said in ((RuntimeError("[gloo] Connection closed by peer [10.0.0.2]:41234"), ""),
+                        (RuntimeError("Connection refused\n(more lines)"), "GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME")):
+        def barrier(group=None):
+            raise error
+        monkeypatch.setattr(distributed.dist, "barrier", barrier)
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(SystemExit) as stop:
+            distributed.barrier(procs)
+        err = capsys.readouterr().err
+        assert stop.value.code == 1 and (said in err if said else err == ""), err
+        if said:
+            assert err.startswith("error: process 1 on ") and "cannot reach the other processes (Connection refused)" in err
+
+
+# train.py with torch.compile's graphs run by aot_eager: what dynamo captures and AOTAutograd traces, as inductor
+# would get it, without inductor's minutes of C++ compiling on a CPU
+AOT_EAGER = """
+import functools, os, runpy, sys, torch
+torch.compile = functools.partial(torch.compile, backend="aot_eager")
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(sys.argv[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_fsdp_compiles_each_block_whole_and_trains_as_eager(tmp_path):
+    """The presets' combination on 2 processes: compile + FSDP + activation checkpointing + bf16 through FSDP's
+    mixed precision. Each block is compiled whole, its recomputation inside the graph, with no graph break
+    anywhere (FSDP's gathers run between the graphs), and the run's losses are eager's. (Inductor's fused
+    kernels round differently: tests/test_cuda.py compiles this combination with them on a GPU.)"""
+    args = ["--loss=mile", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=4", "--parallel=fsdp",
+            "--activation_checkpointing=full", "--dtype=bfloat16", "--loss_path=full"]
+    train(tmp_path / "eager", *args, nproc=2)
+    (tmp_path / "aot_eager.py").write_text(AOT_EAGER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "aot_eager.py"), os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'compiled'}",
+                           *TINY, *args, "--compile=True"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**ENV, "TMPDIR": str(tmp_path), "TORCH_LOGS": "graph_breaks,graph_code"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Graph break" not in proc.stderr, proc.stderr
+    graphs = proc.stderr.split("TRACED GRAPH")[1:]
+    # the block in training, its recomputation inside the graph (and in evaluation, without it)
+    assert any("scaled_dot_product_attention" in g and "tag_activation_checkpoint" in g for g in graphs), proc.stderr
+    assert any("cross_entropy" in g or "log_softmax" in g for g in graphs)  # the head and its loss
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert sorted(eager) == sorted(compiled) == [1, 2, 3, 4]
+    for it in eager:  # aot_eager runs the very operations eager runs, in the same order: the same numbers
+        assert compiled[it] == eager[it], it

@@ -68,11 +68,12 @@ def test_sliding_window_needs_the_recomputation():
     assert (stale - fresh).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_training_forward_compiles_without_graph_breaks(arch):
-    """torch.compile sees the training forward as one graph: the cache argument adds no break."""
+@pytest.mark.parametrize("arch,recompute", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_training_forward_compiles_without_graph_breaks(arch, recompute):
+    """torch.compile sees the training forward as one graph (one process, DDP): the cache argument adds no
+    break, nor does activation checkpointing, which is inside the graph."""
     torch._dynamo.reset()
-    model = tiny(arch, loss_path="chunked", compiled=True).train()
+    model = tiny(arch, loss_path="chunked", compiled=True, activation_checkpointing=recompute).train()
     idx = torch.randint(0, 50, (2, 16))
     explained = torch._dynamo.explain(model)(idx, idx)  # the chunked loss stays outside, on purpose
     assert explained.graph_count == 1 and explained.graph_break_count == 0

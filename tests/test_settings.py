@@ -105,6 +105,13 @@ def test_a_resumed_run_keeps_its_settings():
     assert cfg.loss == "ce"  # from the checkpoint
     assert cfg.max_iters == 200 and cfg.out_dir == "here"  # given now
     assert cfg.device == "auto"  # this machine's, not the saving machine's
+    # how it computed is kept too, unless given now, and the start-up line says which
+    saved.update(parallel="fsdp", activation_checkpointing="full", compile=True)
+    cfg, explicit = settings.parse(["--compile=False"])
+    cfg = settings.resumed(cfg, saved, explicit)
+    assert (cfg.parallel, cfg.activation_checkpointing, cfg.compile) == ("fsdp", "full", False)
+    assert settings.resumed_line(cfg, saved, explicit) == \
+        "as it ran: parallel=fsdp, activation_checkpointing=full; given now: compile=False"
     old = settings.resumed(Settings(), {"chunked_loss": False}, set())  # an earlier version's checkpoint
     assert old.loss_path == "full"
 
@@ -156,3 +163,13 @@ def test_bpe_vocabularies_are_padded_to_64_characters_are_not():
     assert settings.padded(50257) == 50304 and settings.model_args(Settings(), 50257)["padded_vocab_size"] == 50304
     assert settings.padded(32000) == 0  # a multiple of 64 already
     assert settings.padded(65) == settings.padded(84) == 0  # Shakespeare's characters: as they are
+
+
+def test_micro_batches_that_do_not_split_over_the_processes_name_a_split_that_does(capsys):
+    cfg, _ = settings.parse(["--batch_size=4", "--gradient_accumulation_steps=6"])  # 24 sequences a step
+    settings.split_over_processes(cfg, 2)  # 3 micro-batches each
+    err = refused(capsys, settings.split_over_processes, cfg, 4)
+    assert "gradient_accumulation_steps (6) must be a multiple of the number of processes (4)" in err
+    assert "--gradient_accumulation_steps=8 --batch_size=3 keeps the 24 sequences of a step" in err
+    cfg, _ = settings.parse(["--batch_size=5", "--gradient_accumulation_steps=1"])  # 5 sequences: no split over 2
+    assert "keeps" not in refused(capsys, settings.split_over_processes, cfg, 2)
