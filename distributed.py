@@ -106,6 +106,13 @@ def total(procs, x):
     return x
 
 
+def whole(x):
+    """A tensor as a whole: under FSDP a value computed from shards (a DTensor, such as the gradients' norm) is
+    gathered or summed over the processes; any other tensor is itself."""
+    from torch.distributed.tensor import DTensor
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
 def any_process(procs, flag):
     """Whether flag is True in any process: every process must stop after the same step. One process
     just reads its flag; several agree through a tiny all-reduce on the CPU."""

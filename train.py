@@ -305,9 +305,9 @@ while True:
         dropped = f" (iteration {iter_num + 1}, under way, was dropped)"
         break
     train_loss = step_loss
-    if cfg.grad_clip > 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.unscale_(optimizer)  # the gradients as they are (fp16's loss scale undone), for their norm
+    # the norm over all processes (FSDP's shards together), before clipping; grad_clip 0 clips nothing
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -318,16 +318,18 @@ while True:
     if iter_num % cfg.log_interval == 0:
         lossf = distributed.mean(procs, train_loss)  # waits for the GPU: only here
         stop_unless_finite(lossf, "the training loss")
+        grad_normf = distributed.whole(grad_norm).item()  # the last step's
         dt = (time.time() - t_last) / iters_since_log
         tokens_per_s = tokens_per_iter / dt
         mfu = raw_model.flops_per_token() * tokens_per_s / (peak * procs.world_size) if peak else None
         memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device_type == "cuda" else None  # plan.py's peak
         if procs.master:
-            progress.write(f"iter {iter_num}: {cfg.loss} {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/it, "
+            progress.write(f"iter {iter_num}: {cfg.loss} {lossf:.4f}, grad norm {grad_normf:.3f}, lr {lr:.2e}, "
+                           f"{dt * 1000:.0f} ms/it, "
                            f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a")
                            + (f", {memory:.1f} GiB at the peak" if memory else ""))
-            log({"iter": iter_num, "train_loss": lossf, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                 "peak_memory_gib": memory})
+            log({"iter": iter_num, "train_loss": lossf, "grad_norm": grad_normf, "lr": lr, "tokens_per_s": tokens_per_s,
+                 "mfu": mfu, "peak_memory_gib": memory})
         t_last, iters_since_log = time.time(), 0
 progress.close()
 

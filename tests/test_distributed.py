@@ -39,10 +39,11 @@ def train(out_dir, *args, nproc=1, check=True):
     return proc
 
 
-def step_losses(out_dir):
-    """iteration -> training loss, from log.jsonl (the last record of an iteration wins)."""
+def step_losses(out_dir, key="train_loss"):
+    """iteration -> training loss (or another key of the training records), from log.jsonl (the last record of
+    an iteration wins)."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return {r["iter"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
+        return {r["iter"]: r[key] for r in map(json.loads, f) if "train_loss" in r}
 
 
 def last_logged(out_dir):
@@ -238,10 +239,11 @@ def test_ce_two_processes_equal_one(tmp_path):
     train(tmp_path / "one", *args, "--eval_iters=4")
     proc = train(tmp_path / "two", *args, "--eval_iters=2", nproc=2)
     assert "on 2 x cpu (ddp)" in proc.stdout
-    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == list(range(1, 9))
-    for it in one:
-        assert two[it] == pytest.approx(one[it], rel=steps_tolerance(it, TERMS))
+    for key in ("train_loss", "grad_norm"):  # the gradients' norm over both processes, before clipping
+        one, two = step_losses(tmp_path / "one", key), step_losses(tmp_path / "two", key)
+        assert sorted(one) == sorted(two) == list(range(1, 9))
+        for it in one:
+            assert two[it] == pytest.approx(one[it], rel=steps_tolerance(it, TERMS)), (key, it)
     evals = [{r["iter"]: r for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "val_ce" in r}
              for run in ("one", "two")]
     assert sorted(evals[0]) == sorted(evals[1]) == [0, 4, 8]
@@ -260,9 +262,11 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_on_any_number_of_processes(tmp_p
     proc = train(tmp_path / "fsdp", *args, "--parallel=fsdp", "--activation_checkpointing=full", nproc=2)
     assert "on 2 x cpu (fsdp)" in proc.stdout
     train(tmp_path / "one", *args, "--max_iters=9")
-    one, fsdp = step_losses(tmp_path / "one"), step_losses(tmp_path / "fsdp")
-    for it in fsdp:  # sharding changes nothing but the order of some sums
-        assert fsdp[it] == pytest.approx(one[it], rel=steps_tolerance(it, TERMS))
+    for key in ("train_loss", "grad_norm"):  # the norm of the gradients' shards together, before clipping
+        one, fsdp = step_losses(tmp_path / "one", key), step_losses(tmp_path / "fsdp", key)
+        for it in fsdp:  # sharding changes nothing but the order of some sums
+            assert fsdp[it] == pytest.approx(one[it], rel=steps_tolerance(it, TERMS)), (key, it)
+    one = step_losses(tmp_path / "one")
     # the checkpoint: a folder of two shards, each process's own, and `latest` naming it
     folder = tmp_path / "fsdp" / "ckpt-6"
     assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "training.pt"]

@@ -58,6 +58,18 @@ def test_train_smoke_writes_log_and_checkpoint(trained):
     assert evals[-1]["val_ce"] < evals[0]["val_ce"]  # it learns something
     assert os.path.exists(os.path.join(trained, "ckpt.pt"))
     assert not os.path.exists(os.path.join(trained, "ckpt.pt.tmp"))
+    assert all(r["grad_norm"] > 0 for r in steps)
+
+
+def test_grad_norm_is_taken_before_clipping(tmp_path):
+    """The first step's gradients are the same whatever the clipping: so is the norm logged, clipped far below
+    it or not clipped at all; the second step then differs, as the clipped one was a smaller step."""
+    args = ["--max_iters=2", "--log_interval=1", "--eval_interval=1000"]
+    norms = {}
+    for clip in ("1e-3", "0"):
+        train(tmp_path / clip, *args, f"--grad_clip={clip}")
+        norms[clip] = [r["grad_norm"] for r in read_log(tmp_path / clip) if "train_loss" in r]
+    assert norms["1e-3"][0] == norms["0"][0] > 1e-3 and norms["1e-3"][1] != norms["0"][1]
 
 
 @pytest.mark.parametrize("loss", ["ce", "focal"])
