@@ -19,7 +19,7 @@ the gradients' own storage: on CUDA from torch.cuda.max_memory_allocated, with e
 process; on CPU from the high-water mark of resident memory (reset through /proc/self/clear_refs,
 Linux), each case in a fresh process. Time is the median of --repeats runs, after a warm-up run
 where something compiles or caches (compiled cases, CUDA). Inputs are bf16 on CUDA, float32 on CPU.
-The floor is 6 N d V FLOPs (the three matmuls) at the device's peak (model.PEAK_FLOPS, or --peak).
+The floor is 6 N d V FLOPs (the three matmuls) at the device's peak (system.PEAK_FLOPS, or --peak).
 
     python bench.py                                          # CPU: d=768, V=50304, N in 2048, 8192, 16384
     python bench.py --N=8192 --chunk_sizes=256,512,1024,2048 --cases="chunked MiLe"   # choose the chunk size

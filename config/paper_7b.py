@@ -33,7 +33,7 @@ checkpoint_interval = 40
 eval_iters = 50
 log_interval = 10
 compile = True
-parallel = "fsdp"  # DDP would hold 16 bytes a parameter in every GPU (weights, gradients, AdamW): 110 GB
+parallel = "fsdp"  # DDP would hold 16 bytes a parameter in every GPU (weights, gradients, AdamW): 110 GB, 176 GiB at the peak with the activations (plan.py)
 # the loss path: the (B, T, V) logits whole and compiled with the model when they fit, else chunks
 # (mile.choose_loss_path, docs/chunked.md); --loss_path=chunked forces the memory-lean chunks
 loss_path = "auto"
