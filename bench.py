@@ -1,4 +1,6 @@
 """
+Command: python bench.py [--train] [--key=value ...]
+
 What the output layer plus loss costs, and what a training step costs, on the paths users run.
 
 Head + loss (the default): forward+backward time and extra peak memory of hidden (N, d) @ weight.T
@@ -345,7 +347,7 @@ def logits_table(emit, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(), allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[2].strip(), allow_abbrev=False)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--N", default="2048,8192,16384", help="token counts, comma-separated")
     parser.add_argument("--d", type=int, default=768)

@@ -1,6 +1,8 @@
 """
+Module: out_dir's files, imported by train.py and every command that reads a checkpoint.
+
 The files of a run in out_dir: one run at a time (a lock), checkpoints written atomically and read as
-tensors only, and a trained model back from out_dir for sample.py, evaluate.py and export.py.
+tensors only, and a trained model back from out_dir for sample.py, buckets.py and export.py.
 docs/checkpoints.md says what each promise means.
 
 Two kinds of checkpoint: one process writes ckpt.pt, one file; under torchrun every process writes its
@@ -23,6 +25,7 @@ import warnings
 import torch
 
 import distributed
+import settings
 from model import GPT, GPTConfig
 from system import fail
 
@@ -159,7 +162,7 @@ def read(path, elsewhere="point --out_dir at the directory that holds ckpt.pt"):
     needed = set(NEEDED) - ({"model", "optimizer"} if sharded else set())
     if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
         fail(f"{path} is a PyTorch file but not a checkpoint written by train.py", local=True)
-    checkpoint["model_args"] = upgrade(checkpoint["model_args"])
+    checkpoint["model_args"] = settings.upgrade(checkpoint["model_args"])
     if sharded:
         checkpoint["sharded"] = path
     return checkpoint
@@ -268,15 +271,6 @@ def load_sharded(state, folder):
     except (Exception, dcp.CheckpointException) as e:  # the latter, a BaseException, wraps each process's error
         unreadable(folder, next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e,
                    "a shard may be corrupt")
-
-
-def upgrade(model_args):
-    """GPTConfig arguments saved by an earlier version, in today's names."""
-    args = dict(model_args)
-    if "chunked_loss" in args:  # True / False / "auto" before the loss path was decided at start-up
-        args["loss_path"] = "chunked" if str(args.pop("chunked_loss")).lower() == "true" else "full"
-    args.pop("compile_loss", None)  # now GPTConfig.compiled, which a loaded model is not
-    return args
 
 
 def load_model(out_dir, device="cpu", elsewhere="point --out_dir at the directory that holds ckpt.pt"):

@@ -1,4 +1,6 @@
 """
+Command: python compare.py [--seeds=1,2,3] [-- train.py settings ...]
+
 CE vs Focal vs MiLe, measured: the same model, data, token budget and seeds for each loss,
 then a table of mean and spread over the seeds (validation CE and perplexity, CE per frequency
 bucket, mean predicted entropy) and three plots.
@@ -9,7 +11,7 @@ bucket, mean predicted entropy) and three plots.
 
 Each run is `python train.py [setting] --loss=L --gamma=1 --seed=S --out_dir=OUT/L-seedS`. A run that
 finished before is not trained again, so an interrupted comparison continues where it stopped.
-Every checkpoint is then evaluated on the same eval_iters validation batches (evaluate.py,
+Every checkpoint is then evaluated on the same eval_iters validation batches (buckets.py,
 drawn with seed 0 whatever the run's seed). The
 results go to OUT/results.md (the table), OUT/results.json (every run), and OUT/curves.png,
 OUT/buckets.png, OUT/weights.png (the plots need matplotlib: pip install -r requirements-test.txt).
@@ -26,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from evaluate import BUCKETS, evaluate_checkpoint
+from buckets import BUCKETS, evaluate_checkpoint
 from mile import LOSSES
 from settings import refuse_renamed
 
@@ -156,8 +158,8 @@ def main():
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # passed on to train.py
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    refuse_renamed(argv, {"--eval_batches": "--eval_iters, as in train.py and evaluate.py"})
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    refuse_renamed(argv, {"--eval_batches": "--eval_iters, as in train.py and buckets.py"})
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False,
                                      epilog="Arguments after -- go to every train.py run.")
     parser.add_argument("--setting", default="cpu", choices=SETTINGS, help="cpu (default) or gpu")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: 1,2,3)")

@@ -1,4 +1,6 @@
 """
+Module: torchrun's processes, imported by train.py, plan.py and checkpoint.py.
+
 Several processes: torchrun starts one per device and sets RANK, LOCAL_RANK and WORLD_SIZE; a plain
 `python train.py` is the same code as the only process. This module starts and ends the process
 group, lets the processes wait for each other and agree, and spreads the model over them (FSDP2 or DDP).

@@ -1,4 +1,6 @@
 """
+Command: python export.py --out_dir=DIR --to=HF_DIR
+
 Write a checkpoint of train.py as a Hugging Face model directory, which transformers loads with no
 code of ours (AutoModelForCausalLM, AutoTokenizer, pipelines, lm-evaluation-harness):
 
@@ -26,7 +28,7 @@ WRITTEN = {"config.json", "generation_config.json", "model.safetensors", "tokeni
 def main():
     parser = argparse.ArgumentParser(description="Write a train.py checkpoint as a Hugging Face model directory.",
                                      allow_abbrev=False)
-    parser.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default: out)")
+    parser.add_argument("--out_dir", default="out", help="the run directory: ckpt.pt, or the sharded ckpt-N folders of torchrun (default: out)")
     parser.add_argument("--to", default=None, help="the directory to write (default: OUT_DIR/hf)")
     args = parser.parse_args()
     to = args.to or os.path.join(args.out_dir, "hf")

@@ -1,4 +1,6 @@
 """
+Module: Hugging Face import and export, imported by train.py, sample.py and export.py.
+
 Hugging Face, both ways: a GPT with the weights of a GPT-2 or LLaMA model (hub name or local
 directory: train.py --init_from, sample.py --init_from), and a GPT as a transformers model with its
 tokenizer (export.py). One table of names serves both directions. Needs requirements-hf.txt
@@ -132,16 +134,19 @@ def from_pretrained(name, vocabulary=None, **override):
     weights. `vocabulary`, a {token: id} dict (vocabulary(meta)), must agree with the model's tokenizer.
     Whatever cannot load exactly stops with one sentence."""
     try:
+        import huggingface_hub
         import transformers
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         sys.exit("error: loading Hugging Face weights needs transformers: pip install -r requirements-hf.txt")
     transformers.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()  # offline, its retries print a line each: the error says it once
     try:
         c = AutoConfig.from_pretrained(name)
     except Exception as e:  # offline, a typo, a directory without config.json
         sys.exit(f"error: cannot load {name!r}: it is not a local Hugging Face model directory, and the hub did "
-                 f"not give it either (offline, or no such model: {type(e).__name__}); check the name or path")
+                 f"not give it either (offline, or no such model: {type(e).__name__}); check the name or path (with no "
+                 f"network, HF_HUB_OFFLINE=1 skips the hub's retries)")
     shape = shape_of(name, c)
     if vocabulary is not None:  # the tokens the model will be trained on must mean what they meant
         check_vocabulary(name, vocabulary)

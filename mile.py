@@ -1,4 +1,6 @@
 """
+Module: the losses, imported by model.py; read it first.
+
 The MiLe loss (Su et al., "MiLe Loss: a New Loss for Mitigating the Bias of Learning
 Difficulties in Generative Language Models", NAACL 2024 Findings, arXiv 2310.19531),
 its Focal-loss baseline, and plain cross-entropy, written to be read against the formulas.

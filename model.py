@@ -1,4 +1,6 @@
 """
+Module: the GPT, imported by train.py, sample.py and the other commands.
+
 A GPT language model in one file, in the spirit of nanoGPT (github.com/karpathy/nanoGPT): the GPT-2
 block or the LLaMA block of the MiLe paper's models, the training loss (cross-entropy, Focal or MiLe,
 from mile.py) chosen in the config, and generation with a key/value cache.
@@ -263,7 +265,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def token_stats(self, idx, targets):
         """Per position, in float32: the cross-entropy of the target and the entropy of the prediction
-        (mile.token_entropy), each (B, T), for evaluation (evaluate.py). The logits are made
+        (mile.token_entropy), each (B, T), for evaluation (buckets.py). The logits are made
         loss_chunk_size rows at a time, so memory stays small at any vocabulary."""
         x, y = self.hidden(idx).flatten(0, 1), targets.flatten()
         ce, entropy = [], []

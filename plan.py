@@ -1,4 +1,6 @@
 """
+Command: python plan.py [config/NAME.py] [--gpu_memory_gb=G] [--key=value ...]; also a module train.py imports.
+
 Whether a training run fits in a GPU's memory, found out before any memory is spent: one process's
 model is built with train.py's own code (meta device, FSDP sharding under a fake process group of the
 run's size) as fake tensors (shapes, no storage), one training micro-step runs on them, and what the
@@ -33,22 +35,6 @@ from system import device_memory, fail
 GiB = 2 ** 30
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of its parameter
 LOGIT_BYTES = 4  # float32
-
-
-def saved_for_backward(fn, skip):
-    """(result of fn(), bytes of the distinct tensors autograd saved for backward while it ran, leaving out
-    the storages in skip: the parameters, counted on their own). Works on fake tensors, which have sizes
-    and no data."""
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in skip:
-            saved[storage._cdata] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return result, sum(saved.values())
 
 
 def processes(world_size, parallel):

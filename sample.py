@@ -1,4 +1,6 @@
 """
+Command: python sample.py [--out_dir=DIR | --init_from=gpt2] [--start=TEXT] [--key=value ...]
+
 Sample text from a checkpoint written by train.py, or from a Hugging Face model (GPT-2 or LLaMA).
 The text streams out as it is generated; the speed (tokens/s) comes last, on stderr.
 
@@ -23,7 +25,7 @@ from system import autocast, fail, resolve_device, resolve_dtype
 
 refuse_renamed(sys.argv[1:], {"--hf": "--init_from (a Hugging Face model: a directory or a hub name)"})
 parser = argparse.ArgumentParser(description="Sample text from a checkpoint written by train.py.", allow_abbrev=False)
-parser.add_argument("--out_dir", default="out", help="directory holding ckpt.pt (default: out)")
+parser.add_argument("--out_dir", default="out", help="the run directory: ckpt.pt, or the sharded ckpt-N folders of torchrun (default: out)")
 parser.add_argument("--init_from", default="resume", help="resume (default): the checkpoint in --out_dir; or a Hugging "
                     "Face model, a directory (export.py's) or a hub name (gpt2, ...), which needs requirements-hf.txt")
 parser.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: a newline)")

@@ -1,4 +1,6 @@
 """
+Module: the settings of a run, imported by train.py, bench.py, plan.py and compare.py.
+
 Every setting of a training run, with its default and type, in one place. train.py reads them from
 an optional config file (Python that assigns some of them) and then --key=value flags; bench.py,
 plan.py and compare.py read them the same way, so a command means the same run in each.
@@ -159,12 +161,21 @@ def keep_global_batch(cfg, batch_size, gradient_accumulation_steps, source):
     cfg.gradient_accumulation_steps = sequences // cfg.batch_size
 
 
+def upgrade(saved):
+    """Settings or model arguments saved before 2026-12-03 (commit 5eea2f3), in today's names: chunked_loss
+    (True, False or "auto") became loss_path, and compile_loss is gone (a run's compile setting covers it; a
+    loaded model is never compiled). The one place old names are read; a model takes "auto" as "full"."""
+    saved = dict(saved)
+    if "chunked_loss" in saved:
+        saved["loss_path"] = {"true": "chunked", "false": "full"}.get(str(saved.pop("chunked_loss")).lower(), "auto")
+    saved.pop("compile_loss", None)
+    return saved
+
+
 def resumed(cfg, saved, explicit):
     """The settings of a resumed run: those it was saved with (saved, a dict), except the ones given
     explicitly now and those of the machine and the command. Old names are read as the new ones."""
-    saved = dict(saved)
-    if "chunked_loss" in saved:  # True / False / "auto" before loss_path
-        saved["loss_path"] = {"true": "chunked", "false": "full"}.get(str(saved.pop("chunked_loss")).lower(), "auto")
+    saved = upgrade(saved)
     for key, value in saved.items():
         if key in KEYS and key not in explicit and key not in MACHINE_KEYS:
             setattr(cfg, key, value)
@@ -201,6 +212,20 @@ def split_over_processes(cfg, world_size):
     fail(f"gradient_accumulation_steps ({steps}) must be a multiple of the number of processes ({world_size}): "
          f"each takes an equal share of the micro-batches of a step{advice}")
 
+# the numbers torch and numpy would refuse only later, with a traceback, after out_dir is taken (or not at all:
+# a negative sigma trains into NaN)
+RANGES = {
+    "learning_rate": ("positive", lambda v: v > 0),
+    "min_lr": ("at least 0", lambda v: v >= 0),
+    "beta1": ("at least 0 and below 1", lambda v: 0 <= v < 1),
+    "beta2": ("at least 0 and below 1", lambda v: 0 <= v < 1),
+    "weight_decay": ("at least 0", lambda v: v >= 0),
+    "grad_clip": ("at least 0 (0 disables clipping)", lambda v: v >= 0),
+    "peak_flops_per_s": ("at least 0 (0 looks the GPU up)", lambda v: v >= 0),
+    "sigma": ("positive (MiLe weighs a token by (sigma + entropy) ** gamma, and an entropy can be 0)", lambda v: v > 0),
+    "seed": ("from 0 to 2**32 - 1 (what the data's random draw takes)", lambda v: 0 <= v < 2**32),
+}
+
 
 def check(cfg):
     """Stop with one sentence if a setting has a value it cannot have."""
@@ -216,6 +241,9 @@ def check(cfg):
     if cfg.gamma < 0:
         fail(f"gamma must not be negative, not {cfg.gamma}: it is the exponent of the loss weight (0 weighs every "
              f"token alike, the paper uses 1)")
+    for key, (rule, ok) in RANGES.items():
+        if not ok(getattr(cfg, key)):
+            fail(f"{key} must be {rule}, not {getattr(cfg, key)}")
     if cfg.parallel == "fsdp" and cfg.dtype == "float16":
         fail("--parallel=fsdp trains in bfloat16 or float32 here: float16 would need a sharded gradient scaler; "
              "use --dtype=bfloat16")

@@ -1,4 +1,6 @@
 """
+Module: the machine a run executes on, imported by every command.
+
 Where a run executes: one sentence for the user when something is wrong, the device and its
 precision, the GPU peak behind MFU, the memory a machine has, and stopping on Ctrl-C or SIGTERM.
 """

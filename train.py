@@ -1,4 +1,6 @@
 """
+Command: python train.py [config/NAME.py] [--key=value ...], or the same under torchrun.
+
 Train a GPT with cross-entropy, Focal or MiLe loss, nanoGPT-style: one script, read top to bottom.
 
 On a laptop CPU, no arguments: prepares Shakespeare-char if it is missing, then trains a small
@@ -39,7 +41,7 @@ import checkpoint
 import distributed
 import settings
 from data.common import check_dataset, dataset_dir, get_windows, prepare_if_missing, read_meta, train_token_counts
-from evaluate import BUCKETS, bucket_stats, bucket_sums, frequency_buckets
+from buckets import BUCKETS, bucket_stats, bucket_sums, frequency_buckets
 from mile import FULL_BYTES_PER_LOGIT, choose_loss_path
 from model import GPTConfig
 from plan import memory_warning
@@ -174,7 +176,7 @@ peak = cfg.peak_flops_per_s or (peak_flops(torch.cuda.get_device_name(device)) i
 @torch.no_grad()
 def evaluate():
     """Plain cross-entropy, what makes CE, Focal and MiLe runs comparable, on the fixed evaluation batches of
-    each split, overall and per frequency bucket, with the mean entropy of the predictions (evaluate.py).
+    each split, overall and per frequency bucket, with the mean entropy of the predictions (buckets.py).
     Each process takes eval_iters batches of its own; their sums are added up over the processes. None when
     a stop is agreed on between two batches: the evaluation is dropped, so that the checkpoint comes soon."""
     model.eval()
@@ -214,8 +216,12 @@ def get_lr(it):
 def stop_unless_finite(value, what):
     """A loss that is NaN or infinite ends the run before it can overwrite the last good checkpoint."""
     if not math.isfinite(value):
-        fail(f"{what} became {value} at iteration {iter_num}; the last good checkpoint in {cfg.out_dir} is kept: "
-             f"lower learning_rate (now {cfg.learning_rate}) or raise warmup_iters, then resume or restart")
+        kept = f"the last good checkpoint, {saved_at}, is kept" if saved_at else "no checkpoint was written yet"
+        fixes = [f"lower learning_rate (now {cfg.learning_rate:g}, {get_lr(iter_num):.2e} at this step)",
+                 f"raise warmup_iters (now {cfg.warmup_iters})"] + \
+                ["turn gradient clipping on (grad_clip is 0)"] * (cfg.grad_clip == 0)
+        fail(f"{what} became {value} at iteration {iter_num}; {kept}: {', '.join(fixes[:-1])} or {fixes[-1]}, "
+             f"then {'resume' if saved_at else 'start again'}")
 
 
 def save():

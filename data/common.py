@@ -1,5 +1,7 @@
 """
-What the prepare scripts, train.py, evaluate.py and sample.py share: files fetched through the Python
+Module: what the prepare scripts and the commands share, imported by all of them.
+
+What the prepare scripts, train.py, buckets.py and sample.py share: files fetched through the Python
 package registry (the only network some machines have, so nothing here needs another host), the
 GPT-2 tokenizer, and reading a prepared dataset (meta.pkl, and one {split}.bin or {split}_*.bin shards).
 

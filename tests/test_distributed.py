@@ -278,7 +278,7 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_on_any_number_of_processes(tmp_p
     for name in ("model.transformer.h.0.mlp.c_fc.weight", "optimizer.state.transformer.h.0.mlp.c_fc.weight.exp_avg"):
         pieces = {info.relative_path for key, info in index.storage_data.items() if key.fqn == name}
         assert pieces == {"__0_0.distcp", "__1_0.distcp"}, name  # half in each process's file
-    # saved by 2 processes, loaded whole in 1, as sample.py, evaluate.py and export.py load it
+    # saved by 2 processes, loaded whole in 1, as sample.py, buckets.py and export.py load it
     model, _ = checkpoint.load_model(str(tmp_path / "fsdp"))
     assert model.generate(torch.zeros(1, 1, dtype=torch.long), 5).shape == (1, 6)
     # resumed in 3 processes, past a folder that a save killed at iteration 9 left half written

@@ -192,7 +192,7 @@ def test_train_on_shards_and_evaluate(prepared, tmp_path):
     assert proc.returncode == 0, proc.stderr
     last = [json.loads(line) for line in open(out / "log.jsonl")][-1]
     assert 10.0 < last["val_ce"] < 11.5  # about log(50257) at the start: it read GPT-2 tokens
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "buckets.py"), str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"| {out} | {last['val_ce']:.3f} ({last['val_ppl']:.2f}) |" in proc.stdout

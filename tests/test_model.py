@@ -13,7 +13,7 @@ from conftest import sum_tolerance  # noqa: E402
 EPS32 = torch.finfo(torch.float32).eps
 from mile import mile_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from system import peak_flops  # noqa: E402
+from system import PEAK_FLOPS, peak_flops  # noqa: E402
 
 
 def tiny(**kw):
@@ -159,19 +159,31 @@ def test_padded_vocabulary_is_out_of_the_loss(arch, loss_path):
     assert logits.size(-1) == 50  # generation and evaluation see the vocabulary only
 
 
-def test_peak_flops_table():
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert peak_flops("NVIDIA H200") == 989e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert peak_flops("NVIDIA A10") == 125e12
+def test_peak_flops_finds_every_gpu_by_its_own_entry():
+    """Names are matched by substring, first match wins: a shorter name listed before a longer one
+    ("H100" before "H100 PCIe", "A10" before "A10G") would hand the longer one's GPUs the wrong peak."""
+    for key, flops in PEAK_FLOPS:
+        assert peak_flops(f"NVIDIA {key} 80GB") == flops, key
+    assert peak_flops("NVIDIA H100 80GB HBM3") == dict(PEAK_FLOPS)["H100"]  # the SXM card's torch name
     assert peak_flops("Some Future GPU") is None
 
 
-def test_flops_per_token():
-    model = tiny()
-    n = model.get_num_params()
-    assert model.flops_per_token() == 6 * n + 12 * 2 * 16 * 32
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_flops_per_token_is_what_a_training_step_computes(arch):
+    """MFU's numerator against torch's own count (FlopCounterMode) of one forward and backward over full-length
+    sequences. Attention runs on the math path, whose matmuls the counter sees (the fused kernels it does not
+    count on a CPU); the formula counts causal attention whole, as that path computes it. The formula's 6N
+    also counts the norms' weights and the biases, which no matmul multiplies: the one difference allowed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny(arch=arch, bias=arch == "gpt2").train()
+    B, T = 2, model.config.block_size
+    idx = torch.randint(0, 50, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    outside_matmuls = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    assert counter.get_total_flops() / (B * T) == model.flops_per_token() - 6 * outside_matmuls
 
 
 # -----------------------------------------------------------------------------

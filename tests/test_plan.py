@@ -18,6 +18,22 @@ GiB = 2 ** 30
 SMALL = dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=64)
 
 
+def saved_for_backward(fn, skip):
+    """(result of fn(), bytes of the distinct tensors autograd saved for backward while it ran, leaving out
+    the storages in skip: the parameters, counted on their own). Works on fake tensors, which have sizes
+    and no data."""
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in skip:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(saved.values())
+
+
 def real_model(cfg, vocab, path, chunk):
     torch.manual_seed(0)
     return GPT(GPTConfig(**{**settings.model_args(cfg, vocab), "loss_path": path, "loss_chunk_size": chunk}))
@@ -32,7 +48,7 @@ def test_fake_tensors_count_what_real_ones_save(arch, loss_path):
     model = real_model(cfg, 84, path, chunk)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     idx = torch.randint(0, 84, (cfg.batch_size, cfg.block_size))
-    x, activations = plan.saved_for_backward(lambda: model.hidden(idx), params)
+    x, activations = saved_for_backward(lambda: model.hidden(idx), params)
     assert activations == rows["activations"] > 0
     n = sum(p.numel() for p in model.parameters())
     assert rows["parameters"] == rows["gradients"] == 4 * n and rows["optimizer"] == 8 * n  # float32, AdamW's two

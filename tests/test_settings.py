@@ -82,6 +82,18 @@ def test_bad_config_files(capsys, tmp_path, text, needles):
     ("gamma", -1.0, "gamma must not be negative"),
     ("n_embd", 33, "n_embd (33) must be a multiple of n_head (4)"),
     ("dropout", 1.0, "dropout must be at least 0 and below 1"),
+    ("learning_rate", -1.0, "learning_rate must be positive, not -1.0"),
+    ("learning_rate", 0.0, "learning_rate must be positive"),
+    ("min_lr", -1e-4, "min_lr must be at least 0"),
+    ("beta1", 2.0, "beta1 must be at least 0 and below 1, not 2.0"),
+    ("beta2", 1.0, "beta2 must be at least 0 and below 1"),
+    ("weight_decay", -0.1, "weight_decay must be at least 0"),
+    ("grad_clip", -1.0, "grad_clip must be at least 0 (0 disables clipping)"),
+    ("peak_flops_per_s", -1.0, "peak_flops_per_s must be at least 0"),
+    ("sigma", -5.0, "sigma must be positive"),
+    ("sigma", 0.0, "sigma must be positive"),
+    ("seed", -5, "seed must be from 0 to 2**32 - 1"),
+    ("seed", 2**32, "seed must be from 0 to 2**32 - 1"),
 ])
 def test_bad_values(capsys, key, value, needle):
     cfg = Settings()

@@ -141,8 +141,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, trained):
     # a learning rate this large overflows the weights within a few steps
     proc = train(out, "--init_from=resume", "--max_iters=40", "--learning_rate=1e30", "--grad_clip=0.0",
                  "--warmup_iters=0", check=False)
-    assert_one_sentence_error(proc, "the training loss became nan", "the last good checkpoint", "is kept")
+    assert_one_sentence_error(proc, "the training loss became nan", f"the last good checkpoint, {out / 'ckpt.pt'}, is kept",
+                              "lower learning_rate (now 1e+30", "turn gradient clipping on (grad_clip is 0)", "then resume")
     assert (out / "ckpt.pt").read_bytes() == before
+    # a run with no checkpoint yet says so, and that it starts again; with clipping on, it does not suggest it
+    proc = train(tmp_path / "new", "--max_iters=40", "--learning_rate=1e30", "--warmup_iters=0", check=False)
+    assert_one_sentence_error(proc, "the training loss became nan", "no checkpoint was written yet", "then start again")
+    assert "clipping" not in proc.stderr and not (tmp_path / "new" / "ckpt.pt").exists()
 
 
 # -----------------------------------------------------------------------------

@@ -251,7 +251,7 @@ def test_crafted_index_is_refused_whatever_it_names(tmp_path, trained_tiny, caps
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("script", ["sample.py", "evaluate.py", "export.py", "train.py", "torchrun"])
+@pytest.mark.parametrize("script", ["sample.py", "buckets.py", "export.py", "train.py", "torchrun"])
 def test_crafted_index_runs_nothing_in_any_command(tmp_path, trained_tiny, script):
     """The file found on 2026-12-07 (78 bytes that ran a shell command in each of these) is refused by every
     command that reads a checkpoint, in one process and under torchrun, and the marker it would make is never made."""
@@ -264,7 +264,7 @@ def test_crafted_index_runs_nothing_in_any_command(tmp_path, trained_tiny, scrip
                               cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
         assert_said_once_by_train_py(proc)
     else:
-        args = {"evaluate.py": [out], "train.py": [f"--out_dir={out}", "--init_from=resume"]}.get(script, [f"--out_dir={out}"])
+        args = {"buckets.py": [out], "train.py": [f"--out_dir={out}", "--init_from=resume"]}.get(script, [f"--out_dir={out}"])
         proc = run(script, *args, check=False)
         assert_one_sentence_error(proc)
     assert proc.returncode != 0
@@ -448,7 +448,8 @@ def test_max_iters_zero_writes_and_claims_no_checkpoint(tmp_path):
     assert "checkpoint in" not in proc.stdout and "no checkpoint written" in proc.stdout
 
 
-@pytest.mark.parametrize("args", [["--dataset=nonexistent"], ["--block_size=1000000"], ["--init_from=resume"]])
+@pytest.mark.parametrize("args", [["--dataset=nonexistent"], ["--block_size=1000000"], ["--init_from=resume"],
+                                  ["--learning_rate=-1"], ["--beta1=2"], ["--seed=-5"]])
 def test_failing_command_leaves_no_out_dir(tmp_path, args):
     proc = train(tmp_path / "new", *args, check=False)
     assert proc.returncode == 1 and not (tmp_path / "new").exists()
@@ -480,9 +481,9 @@ def test_block_size_too_long_names_the_longest_that_fits(tmp_path):
 
 
 def test_missing_checkpoint_message_fits_each_command(tmp_path):
-    proc = run("evaluate.py", str(tmp_path / "none"), check=False)
-    assert_one_sentence_error(proc, "no checkpoint at", "python evaluate.py DIR")
-    assert "--out_dir" not in proc.stderr  # evaluate.py has no such flag
+    proc = run("buckets.py", str(tmp_path / "none"), check=False)
+    assert_one_sentence_error(proc, "no checkpoint at", "python buckets.py DIR")
+    assert "--out_dir" not in proc.stderr  # buckets.py has no such flag
     for script in ("train.py", "sample.py"):
         args = ["--init_from=resume"] if script == "train.py" else []
         proc = run(script, f"--out_dir={tmp_path / 'none'}", *args, check=False)

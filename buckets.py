@@ -1,4 +1,6 @@
 """
+Command: python buckets.py [DIR ...] [--eval_iters=N]; also a module train.py and compare.py import.
+
 Frequency-bucket evaluation: how well a model predicts frequent, medium and rare tokens.
 
 The paper's motivating diagnostic: per-token loss grows sharply from frequent to rare tokens, and
@@ -10,8 +12,8 @@ in the bucket of its target token.
 train.py logs these figures at every evaluation; this command computes them for any checkpoints,
 on the same fixed validation batches train.py uses (or more of them), and prints a table:
 
-    python evaluate.py                                  # out/ckpt.pt
-    python evaluate.py out out-ce out-focal --eval_iters=200
+    python buckets.py                                  # out/ckpt.pt
+    python buckets.py out out-ce out-focal --eval_iters=200
 """
 
 import argparse
@@ -97,7 +99,7 @@ def format_table(rows):
 def evaluate_checkpoint(out_dir, eval_iters=None, device="cpu", seed=None):
     """The bucket statistics of out_dir's checkpoint on the fixed validation batches of its train.py run
     (eval_iters of them; drawn with another seed to put runs of different seeds on the same batches)."""
-    model, ckpt = checkpoint.load_model(out_dir, device, "name the directory that holds ckpt.pt (python evaluate.py DIR)")
+    model, ckpt = checkpoint.load_model(out_dir, device, "name the directory that holds ckpt.pt (python buckets.py DIR)")
     config = ckpt["config"]
     data_dir = dataset_dir(config["dataset"])
     if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
@@ -114,8 +116,8 @@ def evaluate_checkpoint(out_dir, eval_iters=None, device="cpu", seed=None):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("out_dirs", nargs="*", default=["out"], help="directories holding ckpt.pt (default: out)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
+    parser.add_argument("out_dirs", nargs="*", default=["out"], help="run directories (ckpt.pt, or the sharded ckpt-N folders of torchrun; default: out)")
     parser.add_argument("--eval_iters", type=int, default=0,
                         help="validation batches; 0 uses the run's own eval_iters, so the figures match its log")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")

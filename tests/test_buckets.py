@@ -1,4 +1,4 @@
-"""Frequency-bucket evaluation (evaluate.py): bucket assignment, bucket losses against the overall
+"""Frequency-bucket evaluation (buckets.py): bucket assignment, bucket losses against the overall
 loss, the figures train.py logs, and the standalone command."""
 
 import json
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from conftest import sum_tolerance  # noqa: E402
-from evaluate import evaluate_buckets, frequency_buckets  # noqa: E402
+from buckets import evaluate_buckets, frequency_buckets  # noqa: E402
 from mile import token_entropy  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -83,11 +83,11 @@ def test_train_logs_the_buckets_and_evaluate_reproduces_them(tmp_path):
     assert last["val_ce_high"] < last["val_ce_medium"] < last["val_ce_low"]  # rare characters are harder
     assert 0 < last["val_entropy"] < math.log(84)
     # the standalone command on the checkpoint: the same batches, the same figures; more batches differ
-    proc = run("evaluate.py", str(out), str(out), "--eval_iters=6")
+    proc = run("buckets.py", str(out), str(out), "--eval_iters=6")
     assert proc.returncode == 0, proc.stderr
-    proc = run("evaluate.py", str(out))
+    proc = run("buckets.py", str(out))
     assert proc.returncode == 0, proc.stderr
     row = f"| {out} | {last['val_ce']:.3f} ({last['val_ppl']:.2f}) | {last['val_ce_high']:.3f} ({last['val_ppl_high']:.2f}) | "
     assert row in proc.stdout, proc.stdout
-    proc = run("evaluate.py", str(tmp_path / "nothing"))
+    proc = run("buckets.py", str(tmp_path / "nothing"))
     assert proc.returncode == 1 and "error: no checkpoint at" in proc.stderr and "Traceback" not in proc.stderr
