@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import checkpoint
-from data.common import dataset_dir, get_windows, train_token_counts
+from data.common import check_dataset, dataset_dir, get_windows, train_token_counts
 from system import autocast, fail, resolve_device, resolve_dtype
 
 BUCKETS = ("high", "medium", "low")
@@ -105,6 +105,10 @@ def evaluate_checkpoint(out_dir, eval_iters=None, device="cpu", seed=None):
     if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
         fail(f"the checkpoint in {out_dir} was trained on {config['dataset']!r}, which is not prepared here (no "
              f"{data_dir}/meta.pkl); prepare it as train.py does, then run again")
+    try:
+        check_dataset(data_dir, config["block_size"])  # the token files, checked as train.py checks them
+    except ValueError as e:
+        fail(str(e))
     bucket_of = torch.from_numpy(frequency_buckets(train_token_counts(data_dir, ckpt["meta"]))).to(device)
     batches = []
     for k in range(eval_iters or config["eval_iters"]):

@@ -35,6 +35,7 @@ from system import device_memory, fail
 GiB = 2 ** 30
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of its parameter
 LOGIT_BYTES = 4  # float32
+MAX_REPLANS = 6  # smaller batches tried before a suggestion is given up: a plan stays seconds
 
 
 def processes(world_size, parallel):
@@ -206,14 +207,14 @@ def suggest(cfg, vocab_size, dtype, memory, world_size, rows):
         if rows["peak"] <= memory:
             return f"{flags(base)} would fit ({rows['peak'] / GiB:.1f} GiB): it shards what DDP copies into every GPU"
     options = []
-    batch = largest_batch(dataclasses.replace(cfg, **base), rows, memory, world_size)
+    batch = largest_batch(dataclasses.replace(cfg, **base), rows, memory, world_size, vocab_size, dtype)
     if batch:
         options.append(flags({**base, "batch_size": batch}))
     if cfg.activation_checkpointing == "none":
         recompute = dataclasses.replace(cfg, **base, activation_checkpointing="full")
         recomputed = measure(recompute, vocab_size, "cuda", dtype, memory, world_size)[0]
         batch = recompute.batch_size if recomputed["peak"] <= memory else \
-            largest_batch(recompute, recomputed, memory, world_size)
+            largest_batch(recompute, recomputed, memory, world_size, vocab_size, dtype)
         if batch:
             options.append(flags({**base, "activation_checkpointing": "full"}) +
                            (f" --batch_size={batch}" if batch != cfg.batch_size else ""))
@@ -224,16 +225,21 @@ def suggest(cfg, vocab_size, dtype, memory, world_size, rows):
     return "not even one sequence a micro-batch fits: several GPUs would, under torchrun with --parallel=fsdp"
 
 
-def largest_batch(cfg, rows, memory, world_size):
-    """The largest micro-batch below cfg.batch_size that fits, the activations and logits taken to grow with it,
-    and that keeps the sequences a step (a divisor); 0 when none does."""
+def largest_batch(cfg, rows, memory, world_size, vocab_size, dtype):
+    """The largest micro-batch below cfg.batch_size that keeps the sequences a step (a divisor) and fits when
+    planned again; 0 when none does. The first candidate comes from the activations and logits taken to grow
+    with the batch; each is then measured, as the loss path (full or chunked) may change with the batch."""
     fixed = rows["peak"] - rows["activations"] - rows["logits"]
     per_sequence = (rows["activations"] + rows["logits"]) / cfg.batch_size
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps
     fitting = math.floor((memory - fixed) / per_sequence) if memory > fixed else 0
-    return max((b for b in range(1, min(fitting, cfg.batch_size - 1) + 1)
-                if sequences % b == 0 and (sequences // b) % world_size == 0), default=0)
-
+    candidates = [b for b in range(min(fitting, cfg.batch_size - 1), 0, -1)
+                  if sequences % b == 0 and (sequences // b) % world_size == 0]
+    for b in candidates[:MAX_REPLANS]:
+        trial = dataclasses.replace(cfg, batch_size=b, gradient_accumulation_steps=sequences // b)
+        if measure(trial, vocab_size, "cuda", dtype, memory, world_size)[0]["peak"] <= memory:
+            return b
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -102,6 +102,20 @@ def test_memory_warning_says_what_would_fit():
     assert plan.memory_warning(settings.Settings(), 84, "cpu", "float32", 800_000, memory=GiB) is None
 
 
+@pytest.mark.parametrize("gigabytes", [4, 5])
+def test_every_suggestion_fits_when_planned(capsys, gigabytes):
+    """GPT-2 124M on a 4 or 5 GB GPU does not fit. Each option suggested, run through plan.py as given, fits:
+    the loss path changes with the batch (4 GB once suggested --batch_size=5, which planned at 5.6 GiB)."""
+    given = ["config/gpt2_124m.py", f"--gpu_memory_gb={gigabytes}", "--vocab_size=50257"]
+    assert plan.main(given) == 1
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    options = verdict.split("; ", 1)[1].removesuffix(" would fit").split(" or ")
+    assert any("--batch_size=" in o for o in options) and any("--activation_checkpointing=full" in o for o in options)
+    for option in options:
+        assert plan.main(given + option.split()) == 0, option
+        assert capsys.readouterr().out.splitlines()[-1].startswith("fits: ")
+
+
 def run_plan(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "plan.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)

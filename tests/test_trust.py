@@ -465,6 +465,13 @@ def test_bad_dataset_files(tmp_path):
         f.write(b"\x01")  # half a token
     proc = train(tmp_path / "out", f"--dataset={data}", check=False)
     assert_one_sentence_error(proc, "val.bin has 4001 bytes, not a whole number of 2-byte token ids")
+    # buckets.py reads a checkpoint's dataset as train.py does: the same sentence
+    data = make_dataset(tmp_path / "later", tokens=2000)
+    train(tmp_path / "trained", f"--dataset={data}", "--max_iters=1", "--eval_interval=1")
+    with open(os.path.join(data, "val.bin"), "ab") as f:
+        f.write(b"\x01")
+    assert_one_sentence_error(run("buckets.py", str(tmp_path / "trained"), check=False),
+                              "val.bin has 4001 bytes, not a whole number of 2-byte token ids")
     data = make_dataset(tmp_path / "m", b"\x80\x04\x95 truncated", tokens=2000)
     assert_one_sentence_error(train(tmp_path / "out", f"--dataset={data}", check=False),
                               "not a readable dataset meta", "prepare the dataset again")
