@@ -328,7 +328,11 @@ def logits_table(emit, repeats):
         for case in LOGITS_CASES:
             torch._dynamo.reset()
             fns[case] = loss_fn(case)
-            _, code = run_and_get_code(lambda: fns[case](logits, targets))  # compiles the forward: its code
+            # compiles the forward: its code. With the compile caches off: a cached graph brings its backward's
+            # code along with the forward's, and its loops would be counted too
+            with torch._inductor.config.patch(fx_graph_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                _, code = run_and_get_code(lambda: fns[case](logits, targets))
             loops[case] = loops_over_v("\n".join(code), V)
             fns[case](logits, targets).backward()  # compiles the backward
         for _ in range(repeats):
