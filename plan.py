@@ -241,5 +241,6 @@ def largest_batch(cfg, rows, memory, world_size, vocab_size, dtype):
             return b
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

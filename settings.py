@@ -212,6 +212,7 @@ def split_over_processes(cfg, world_size):
     fail(f"gradient_accumulation_steps ({steps}) must be a multiple of the number of processes ({world_size}): "
          f"each takes an equal share of the micro-batches of a step{advice}")
 
+
 # the numbers torch and numpy would refuse only later, with a traceback, after out_dir is taken (or not at all:
 # a negative sigma trains into NaN)
 RANGES = {
