@@ -12,7 +12,7 @@ in the bucket of its target token.
 train.py logs these figures at every evaluation; this command computes them for any checkpoints,
 on the same fixed validation batches train.py uses (or more of them), and prints a table:
 
-    python buckets.py                                  # out/ckpt.pt
+    python buckets.py                                   # out/ckpt.pt
     python buckets.py out out-ce out-focal --eval_iters=200
 """
 

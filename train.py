@@ -218,8 +218,9 @@ def stop_unless_finite(value, what):
     if not math.isfinite(value):
         kept = f"the last good checkpoint, {saved_at}, is kept" if saved_at else "no checkpoint was written yet"
         fixes = [f"lower learning_rate (now {cfg.learning_rate:g}, {get_lr(iter_num):.2e} at this step)",
-                 f"raise warmup_iters (now {cfg.warmup_iters})"] + \
-                ["turn gradient clipping on (grad_clip is 0)"] * (cfg.grad_clip == 0)
+                 f"raise warmup_iters (now {cfg.warmup_iters})"]
+        if cfg.grad_clip == 0:
+            fixes.append("turn gradient clipping on (grad_clip is 0)")
         fail(f"{what} became {value} at iteration {iter_num}; {kept}: {', '.join(fixes[:-1])} or {fixes[-1]}, "
              f"then {'resume' if saved_at else 'start again'}")
 
