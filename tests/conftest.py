@@ -10,6 +10,8 @@ import tempfile
 import pytest
 import torch
 
+import warm
+
 # named datasets (data/common.dataset_dir) are prepared into a temporary folder, removed at the end:
 # the tests never write into the working tree. Set before any test imports data.common, and inherited
 # by every train.py, sample.py and prepare script the tests start.
@@ -48,7 +50,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 
 def compare(out, *args):
     """python compare.py on the tiny model, two seeds."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), f"--out_dir={out}", "--seeds=1,2",
+    return warm.run([sys.executable, os.path.join(ROOT, "compare.py"), f"--out_dir={out}", "--seeds=1,2",
                            "--eval_iters=3", *args, "--", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+
+import warm
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +71,7 @@ def test_bucket_losses_average_back_to_the_overall_loss(chunk):
 
 def test_train_logs_the_buckets_and_evaluate_reproduces_them(tmp_path):
     out = tmp_path / "out"
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = lambda *a: warm.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=600)
     proc = run("train.py", f"--out_dir={out}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
                "--batch_size=4", "--max_iters=20", "--eval_interval=10", "--eval_iters=3", "--log_interval=5")
     assert proc.returncode == 0, proc.stderr

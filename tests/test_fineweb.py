@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import warm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,7 +47,7 @@ def args_for(path, out_dir, *extra):
 def prepared(corpus, tmp_path_factory):
     """The corpus prepared in one go, as a user runs the script."""
     out = tmp_path_factory.mktemp("prepared")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "fineweb", "prepare.py"), f"--files={corpus[0]}",
+    proc = warm.run([sys.executable, os.path.join(ROOT, "data", "fineweb", "prepare.py"), f"--files={corpus[0]}",
                            f"--dataset={out}", f"--shard_size={SHARD}", f"--val_tokens={VAL}", "--workers=2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -158,7 +159,7 @@ def test_streaming_without_datasets_says_what_to_install(monkeypatch):
 
 def test_too_small_a_corpus_is_one_sentence(tmp_path):
     (tmp_path / "tiny.txt").write_text("a few words\n")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "fineweb", "prepare.py"),
+    proc = warm.run([sys.executable, os.path.join(ROOT, "data", "fineweb", "prepare.py"),
                            f"--files={tmp_path}/tiny.txt", f"--dataset={tmp_path}/out", "--workers=1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -188,11 +189,11 @@ def test_train_on_shards_and_evaluate(prepared, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={prepared}", f"--out_dir={out}", "--n_layer=1",
            "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=4", "--eval_interval=4",
            "--eval_iters=2", "--log_interval=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = warm.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     last = [json.loads(line) for line in open(out / "log.jsonl")][-1]
     assert 10.0 < last["val_ce"] < 11.5  # about log(50257) at the start: it read GPT-2 tokens
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "buckets.py"), str(out)], cwd=ROOT,
+    proc = warm.run([sys.executable, os.path.join(ROOT, "buckets.py"), str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"| {out} | {last['val_ce']:.3f} ({last['val_ppl']:.2f}) |" in proc.stdout

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import warm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
@@ -35,7 +37,7 @@ WITHOUT_HF = BLOCK_HF + "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], ru
 def start(script, *args, without_hf=False, env=None):
     """python script args in a subprocess, started; one thread (tiny models), so that two can run at once."""
     cmd = [sys.executable, *(["-c", WITHOUT_HF] if without_hf else []), os.path.join(ROOT, script), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return warm.start(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import warm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import plan  # noqa: E402
@@ -117,7 +119,7 @@ def test_every_suggestion_fits_when_planned(capsys, gigabytes):
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "plan.py"), *args], cwd=ROOT, capture_output=True,
+    return warm.run([sys.executable, os.path.join(ROOT, "plan.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -9,13 +9,15 @@ import sys
 import pytest
 import torch
 
+import warm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=2", "--warmup_iters=2", "--learning_rate=1e-2"]
 
 
 def run(script, *args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+    proc = warm.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import warm
+
 from test_train import TINY, assert_one_sentence_error, read_log, run, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,15 +65,15 @@ def make_dataset(path, meta=None, tokens=2000):
 def train_env(out_dir, *args):
     """train.py to the end, in the environment of the interrupted runs."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    proc = warm.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def start(out_dir, *args):
-    """train.py in the background, in its own session (signals go to it alone)."""
+def start(out_dir, *args, fresh=False):
+    """train.py in the background, in its own session (signals go to it alone); fresh: in a new interpreter
+    that has to import torch first (warm.py)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
+    return warm.start(cmd, cwd=ROOT, env=ENV, start_new_session=True, fresh=fresh)
 
 
 def wait_for(condition, proc, timeout=300):
@@ -260,8 +262,8 @@ def test_crafted_index_runs_nothing_in_any_command(tmp_path, trained_tiny, scrip
     (folder / ".metadata").write_bytes(crafted_call(*CRAFTED[0], f"touch {marker}"))
     out = str(tmp_path / "out")
     if script == "torchrun":
-        proc = subprocess.run(torchrun(out, f"--dataset={os.path.dirname(trained_tiny)}/data", "--init_from=resume"),
-                              cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+        proc = warm.torchrun(train_py(out, f"--dataset={os.path.dirname(trained_tiny)}/data", "--init_from=resume"),
+                             cwd=ROOT, env=ENV, timeout=300)
         assert_said_once_by_train_py(proc)
     else:
         args = {"buckets.py": [out], "train.py": [f"--out_dir={out}", "--init_from=resume"]}.get(script, [f"--out_dir={out}"])
@@ -348,8 +350,8 @@ def test_damaged_shard_under_torchrun_is_one_sentence(tmp_path, trained_tiny):
     from one process, no traceback (its error message was once empty, and the handler itself failed)."""
     folder = sharded_copy(trained_tiny, tmp_path / "out")
     (folder / "__0_0.distcp").write_bytes(bytes(os.path.getsize(folder / "__0_0.distcp")))
-    proc = subprocess.run(torchrun(tmp_path / "out", f"--dataset={os.path.dirname(trained_tiny)}/data",
-                                   "--init_from=resume"), cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    proc = warm.torchrun(train_py(tmp_path / "out", f"--dataset={os.path.dirname(trained_tiny)}/data",
+                                  "--init_from=resume"), cwd=ROOT, env=ENV, timeout=300)
     assert_said_once_by_train_py(proc)
     assert f"{folder} is damaged (UnpicklingError: Unsupported operand 0): a shard may be corrupt" in proc.stderr
 
@@ -535,7 +537,7 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
            f"checkpoint in {out / 'ckpt.pt'}; resume with: " in stdout
     cmd = resume_command(stdout)
     assert cmd[-1] == "--init_from=resume" and f"--out_dir={out}" in cmd
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)  # as printed
+    proc = warm.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)  # as printed
     assert proc.returncode == 0, proc.stderr
     resumed = step_losses(out)
     assert sorted(resumed) == sorted(straight) == list(range(1, 13))
@@ -545,7 +547,7 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path):
 
 def test_ctrl_c_during_startup_and_first_evaluation(tmp_path):
     out = tmp_path / "out"
-    proc = start(out, "--max_iters=100")  # at once: while it imports and checks
+    proc = start(out, "--max_iters=100", fresh=True)  # at once: while it imports and checks
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -580,9 +582,14 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
 # 7. under torchrun: every process stops at the same step, and an error in any process is told
 
 
+def train_py(out, *args):
+    """The command of a tiny run in two processes, for torchrun (or warm.torchrun) to start."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, "--gradient_accumulation_steps=2",
+            *args]
+
+
 def torchrun(out, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, "--gradient_accumulation_steps=2", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *train_py(out, *args)[1:]]
 
 
 def rank_pid(parent, rank):
@@ -610,10 +617,9 @@ def test_ctrl_c_in_one_process_stops_all_at_the_same_step(tmp_path):
     assert 5 <= stopped_at < 30 and max(logged_iters(out)) == stopped_at
     cmd = resume_command(stdout)
     assert "torch.distributed.run" in cmd and "--nproc_per_node=2" in cmd and cmd[-1] == "--init_from=resume"
-    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    resumed = warm.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    subprocess.run(torchrun(tmp_path / "straight", *args), cwd=ROOT, capture_output=True, env=ENV, check=True,
-                   timeout=600)
+    warm.torchrun(train_py(tmp_path / "straight", *args), cwd=ROOT, env=ENV, check=True, timeout=600)
     straight, resumed = step_losses(tmp_path / "straight"), step_losses(out)
     assert sorted(resumed) == sorted(straight) == list(range(1, 31))
     for it in straight:
@@ -630,7 +636,7 @@ def two_machines(tmp_path, *args):
     for rank in (0, 1):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *args],
+        procs.append(warm.start([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *args],
                                       cwd=tmp_path / f"node{rank}", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env))
     return [(p, *p.communicate(timeout=300)) for p in procs]
@@ -660,8 +666,7 @@ def test_lock_refusal_under_torchrun_is_said_once(tmp_path):
     holder = start(out, "--max_iters=100000", "--eval_interval=100000")
     try:
         wait_for(lambda: len(logged_iters(out)) >= 1, holder)
-        proc = subprocess.run(torchrun(out, "--max_iters=2"), cwd=ROOT, capture_output=True, text=True, env=ENV,
-                              timeout=300)
+        proc = warm.torchrun(train_py(out, "--max_iters=2"), cwd=ROOT, env=ENV, timeout=300)
         assert proc.returncode != 0
         assert proc.stderr.count("error: ") == 1 and f"in use by another run (pid {holder.pid}" in proc.stderr
     finally:
