@@ -11,7 +11,6 @@ the newest complete folder. Either kind resumes on any number of processes and l
 """
 
 import errno
-import json
 import os
 import pickle
 import re
@@ -338,27 +337,6 @@ def save_training(out_dir, model, optimizer, procs, device, **extra):
         remove(out_dir, keep=folder)
     distributed.barrier(procs)
     return folder
-
-
-def trim_log(path, iter_num):
-    """Drop from the log at path what a run resumed at iter_num will write again: training records after
-    iter_num, evaluation records from iter_num on (the resumed run evaluates at its first iteration)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line a kill cut short
-            continue
-        if record.get("iter", 0) < iter_num or ("train_loss" in record and record["iter"] == iter_num):
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) < len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
 
 
 def remove(out_dir, keep=None):

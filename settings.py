@@ -28,6 +28,9 @@ class Settings:
     eval_only: bool = False  # evaluate once and exit
     init_from: str = "scratch"  # "scratch", "resume" (from out_dir), "auto" (resume if out_dir holds a checkpoint, else scratch), or Hugging Face weights: gpt2[-medium|-large|-xl] or a directory
     overwrite: bool = False  # let a scratch run replace the checkpoint (and log) of an earlier run in out_dir
+    wandb_log: bool = False  # send log.jsonl's records to Weights & Biases too (requirements-wandb.txt)
+    wandb_project: str = "nanomile"
+    wandb_run_name: str = ""  # empty: W&B picks a name
     # data
     dataset: str = "shakespeare_char"  # a folder in data/, or a path, holding meta.pkl and {train,val}.bin or {train,val}_*.bin shards
     batch_size: int = 12  # sequences per micro-batch, in each process

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import checkpoint
 import distributed
+import runlog
 import settings
 from data.common import check_dataset, dataset_dir, get_windows, prepare_if_missing, read_meta, train_token_counts
 from buckets import BUCKETS, bucket_stats, bucket_sums, frequency_buckets
@@ -57,6 +58,7 @@ resumed = checkpoint.read(cfg.out_dir) if cfg.init_from == "resume" else None  #
 if resumed:
     cfg = settings.resumed(cfg, resumed["config"], explicit)
 settings.check(cfg)
+runlog.need_wandb(cfg)  # --wandb_log=True without wandb: one sentence, before any work
 
 # -----------------------------------------------------------------------------
 # system: processes, device, precision, seeds
@@ -114,7 +116,7 @@ loss_path, chunk_size = choose_loss_path(cfg.batch_size * cfg.block_size, meta["
                                          cfg.loss_path, cfg.loss_chunk_size, compiled=cfg.compile)  # once, here
 model_args = {**settings.model_args(cfg, meta["vocab_size"]), "loss_path": loss_path,
               "loss_chunk_size": chunk_size, "compiled": cfg.compile}
-iter_num = 0
+iter_num, wandb_id = 0, None
 if resumed:
     model_args["padded_vocab_size"] = resumed["model_args"].get("padded_vocab_size", 0)  # as it was made
     for key in settings.SHAPE_KEYS:
@@ -122,7 +124,7 @@ if resumed:
             fail(f"{key}={model_args[key]} differs from the checkpoint's {resumed['model_args'][key]}; a resumed "
                  f"run keeps the shape it was saved with")
     model_args = {**resumed["model_args"], **model_args}  # and what settings have no key for (rope_theta, ...)
-    iter_num = resumed["iter_num"]
+    iter_num, wandb_id = resumed["iter_num"], resumed.get("wandb_run_id")  # and the W&B run it continues
     if procs.master:
         print(f"resuming from {resumed.get('sharded') or checkpoint.find(cfg.out_dir)} at iteration {iter_num}, "
               + settings.resumed_line(cfg, resumed["config"], explicit))
@@ -227,27 +229,17 @@ def stop_unless_finite(value, what):
 
 def save():
     return checkpoint.save_training(cfg.out_dir, raw_model, optimizer, procs, device, model_args=model_args, meta=meta,
-                             config=dataclasses.asdict(cfg), iter_num=iter_num)
-
-
-def log(record):
-    """One JSON object per line in out_dir/log.jsonl: a training record (train_loss, the loss a step
-    trained on) every log_interval steps, an evaluation record (val_ce, ...) at every evaluation."""
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+                                    config=dataclasses.asdict(cfg), iter_num=iter_num, wandb_run_id=log.wandb_id)
 
 
 # -----------------------------------------------------------------------------
 # training loop: every process trains on its own micro-batches; the first process alone prints and logs
 if procs.master:
-    if cfg.init_from != "resume":  # a new run: a new log, and no checkpoint of an earlier one (--overwrite)
+    if cfg.init_from != "resume":  # a new run: no checkpoint of an earlier one (--overwrite)
         checkpoint.remove(cfg.out_dir)
-        if os.path.exists(os.path.join(cfg.out_dir, "log.jsonl")):
-            os.remove(os.path.join(cfg.out_dir, "log.jsonl"))
-    else:  # what was logged after the checkpoint happens again now: each iteration stays in the log once
-        checkpoint.trim_log(os.path.join(cfg.out_dir, "log.jsonl"), iter_num)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+log = runlog.RunLog(cfg, iter_num, wandb_id, procs.master)  # a resumed run's log keeps each iteration once
 saved_at = checkpoint.find(cfg.out_dir)
 first_iter = last_saved = iter_num  # a resumed run does not save again the state it started from
 save_every = cfg.checkpoint_interval or cfg.eval_interval
@@ -275,7 +267,8 @@ while True:
             progress.write(f"iter {iter_num}: train ce {stats['train']['ce']:.4f}, val ce {val_ce:.4f} (ppl "
                            f"{val['ppl']:.2f}); val ce by frequency: " + ", ".join(f"{b} {val['ce_' + b]:.3f}" for b in
                                                                                 BUCKETS) + f"; entropy {val['entropy']:.3f}")
-            log({"iter": iter_num, "lr": lr, "train_ce": stats["train"]["ce"], **{f"val_{k}": v for k, v in val.items()}})
+            log.write({"iter": iter_num, "lr": lr, "train_ce": stats["train"]["ce"],
+                       **{f"val_{k}": v for k, v in val.items()}})
         if cfg.eval_only:
             break
         t_last += time.time() - t_eval  # evaluation does not count against tokens/s
@@ -335,8 +328,8 @@ while True:
                            f"{dt * 1000:.0f} ms/it, "
                            f"{tokens_per_s:,.0f} tok/s, MFU " + (f"{mfu * 100:.1f}%" if mfu else "n/a")
                            + (f", {memory:.1f} GiB at the peak" if memory else ""))
-            log({"iter": iter_num, "train_loss": lossf, "grad_norm": grad_normf, "lr": lr, "tokens_per_s": tokens_per_s,
-                 "mfu": mfu, "peak_memory_gib": memory})
+            log.write({"iter": iter_num, "train_loss": lossf, "grad_norm": grad_normf, "lr": lr,
+                       "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_gib": memory})
         t_last, iters_since_log = time.time(), 0
 progress.close()
 
@@ -355,6 +348,7 @@ if stopping:
 elif procs.master and not cfg.eval_only:
     saved = f"checkpoint in {saved_at}" if iter_num > first_iter else "no step taken, so no checkpoint written"
     print(f"done: {iter_num} iterations, val ce {val_ce:.4f}, {time.time() - t_start:.0f} s; {saved}")
+log.finish()
 distributed.finish(procs)
 if stopping:
     sys.exit(128 + (stop.number or signal.SIGINT))  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
