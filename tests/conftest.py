@@ -1,9 +1,9 @@
 """What several test files share: a data folder outside the working tree, and a tiny comparison run
 (compare.py), made once per session."""
 
+import fcntl
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -51,13 +51,30 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 def compare(out, *args):
     """python compare.py on the tiny model, two seeds."""
     return warm.run([sys.executable, os.path.join(ROOT, "compare.py"), f"--out_dir={out}", "--seeds=1,2",
-                           "--eval_iters=3", *args, "--", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                     "--eval_iters=3", *args, "--", *TINY], cwd=ROOT, timeout=900, within=True)
 
 
 @pytest.fixture(scope="session")
-def compared(tmp_path_factory):
-    """(directory, stdout) of a finished tiny comparison: CE, Focal and MiLe, seeds 1 and 2."""
-    out = tmp_path_factory.mktemp("compare")
-    proc = compare(out)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc.stdout
+def compared(tmp_path_factory, worker_id):
+    """(directory, stdout) of a finished tiny comparison: CE, Focal and MiLe, seeds 1 and 2. Made once per
+    session, also when the tests that read it run in different workers (pytest -n): the first makes it in
+    the folder the workers share, under a lock, and the others wait for it. Read it, do not change it."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker_id != "master" else root  # the workers' folders are in one of the session
+    with open(root / "compare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "compare.stdout").exists():
+            proc = compare(root / "compare")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            (root / "compare.stdout").write_text(proc.stdout)
+    return root / "compare", (root / "compare.stdout").read_text()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: a test of 20 s or more, started first (pytest_collection_modifyitems)")
+
+
+def pytest_collection_modifyitems(items):
+    """The heavy tests first: under pytest -n 2 each worker then takes some of them at the start, rather than
+    one worker finishing a long test alone at the end while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

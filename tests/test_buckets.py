@@ -4,7 +4,6 @@ loss, the figures train.py logs, and the standalone command."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np

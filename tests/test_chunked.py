@@ -179,7 +179,6 @@ def test_gradient_scales_with_grad_output():
 
 def test_train_curve_chunked_matches_readable(tmp_path):
     """A short train.py run gives the same losses with the chunked and the readable head."""
-    import subprocess
     logs = []
     for path in ("chunked", "full"):
         out = tmp_path / path
@@ -276,7 +275,6 @@ def test_old_checkpoints_name_the_path_as_before():
                                            ("--chunked_loss=True", "--chunked_loss is now --loss_path"),
                                            ("--loss_chunk_size=-5", "loss_chunk_size must not be negative")])
 def test_train_rejects_bad_paths(tmp_path, flag, message):
-    import subprocess
     proc = warm.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", flag], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
@@ -294,11 +292,11 @@ def table_rows(text, first_cell):
     return [r for r in rows if r[0] == first_cell]
 
 
+@pytest.mark.heavy
 def test_bench_prints_its_tables(tmp_path):
     """bench.py on a tiny shape (head + loss) and --train --tiny: both tables, parsed."""
-    import subprocess
     out = tmp_path / "bench.md"
-    run = lambda *args: warm.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT,  # noqa: E731
+    run = lambda *args: warm.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], cwd=ROOT, within=True,  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     head = run("--N=64", "--d=16", "--V=300", "--repeats=1", "--cases=CE compiled,MiLe eager,chunked MiLe eager,Cut CE",
                f"--out={out}")

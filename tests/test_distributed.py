@@ -333,9 +333,23 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path):
         assert resumed[it] == straight[it], it
 
 
+def train_py(out, *args):
+    return [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args]
+
+
 def torchrun(out, *args, restarts=0):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            f"--max-restarts={restarts}", os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args]
+            f"--max-restarts={restarts}", *train_py(out, *args)[1:]]
+
+
+def terminate(procs):
+    """SIGTERM to each process, as torchrun passes it on; the first process's stdout and every one's stderr, once
+    all have stopped, not having ended well."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    return outputs[0][0], "".join(err for _, err in outputs)
 
 
 def start(cmd, tmp_path):
@@ -344,6 +358,7 @@ def start(cmd, tmp_path):
                             env={**ENV, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.heavy
 def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path):
     """How clusters preempt: SIGTERM to torchrun, which passes it to every process; they agree to stop between
     two micro-batches (the step under way is dropped) or two evaluation batches (the evaluation is dropped),
@@ -367,12 +382,14 @@ def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path
     assert "--init_from=resume" in stdout and "torch.distributed.run --standalone --nproc_per_node=2" in stdout
     assert (out / "latest").read_text() == f"ckpt-{stopped_at}\n"
 
-    # resumed without --parallel, with steps of 4000 micro-batches (tens of seconds): SIGTERM within one
-    proc = start(torchrun(out, "--init_from=resume", "--gradient_accumulation_steps=4000"), tmp_path)
+    # resumed without --parallel, with steps of 4000 micro-batches (tens of seconds): SIGTERM within one. The
+    # processes as torchrun starts them and SIGTERM to each, as torchrun passes it on (warm.py), from here on
+    procs = warm.torchrun_start(train_py(out, "--init_from=resume", "--gradient_accumulation_steps=4000"), cwd=ROOT,
+                                env={**ENV, "PYTHONUNBUFFERED": "1"})
     line = ""
     while "resuming from" not in line:
-        line = proc.stdout.readline()
-        assert line or proc.poll() is None, proc.communicate()
+        line = procs[0].stdout.readline()
+        assert line or procs[0].poll() is None, procs[0].communicate()
     assert "as it ran: parallel=fsdp, activation_checkpointing=none, compile=False; 16000 sequences an optimizer " \
            "step where the checkpoint's run took 8" in line
     def accumulation():  # of the run config.json was last written by, as training begins
@@ -381,12 +398,11 @@ def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path
         except ValueError:  # being written
             return None
     while accumulation() != 4000:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        assert procs[0].poll() is None and time.time() < deadline, procs[0].communicate()
         time.sleep(0.01)
     time.sleep(0.5)  # into the first step (of tens of seconds)
     signalled = time.time()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = terminate(procs)
     print(f"SIGTERM within a step to exit, checkpoint saved: {time.time() - signalled:.1f} s")
     assert f"interrupted at iteration {ckpt_iter} (iteration {ckpt_iter + 1}, under way, was dropped): checkpoint " \
            f"in {out / f'ckpt-{ckpt_iter}'}" in stdout, stdout + stderr
@@ -394,19 +410,19 @@ def test_sigterm_under_torchrun_saves_the_shards_and_says_how_to_resume(tmp_path
     assert json.load(open(out / "config.json"))["parallel"] == "fsdp"
 
     # resumed again, evaluating (1,000,000 batches a process) after one step: SIGTERM within the evaluation
-    proc = start(torchrun(out, "--init_from=resume", f"--eval_interval={ckpt_iter + 1}", "--eval_iters=1000000"),
-                 tmp_path)
+    procs = warm.torchrun_start(train_py(out, "--init_from=resume", f"--eval_interval={ckpt_iter + 1}",
+                                         "--eval_iters=1000000"), cwd=ROOT, env=ENV)
     while last_logged(out) < ckpt_iter + 1:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        assert procs[0].poll() is None and time.time() < deadline, procs[0].communicate()
         time.sleep(0.01)
     time.sleep(1)  # into the evaluation
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = terminate(procs)
     assert f"interrupted at iteration {ckpt_iter + 1} (the evaluation under way was dropped): checkpoint in " \
            f"{out / f'ckpt-{ckpt_iter + 1}'}" in stdout, stdout + stderr
     assert not any("val_ce" in r and r["iter"] > 0 for r in map(json.loads, open(out / "log.jsonl")))
 
 
+@pytest.mark.heavy
 def test_torchrun_restarts_a_killed_process_and_the_run_ends_as_if_never_killed(tmp_path):
     """How a job survives a lost process: torchrun --max-restarts starts every process again with the same
     command, and --init_from=auto resumes from the newest checkpoint (a scratch run at first). The log holds
@@ -485,6 +501,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.heavy
 def test_fsdp_compiles_each_block_whole_and_trains_as_eager(tmp_path):
     """The presets' combination on 2 processes: compile + FSDP + activation checkpointing + bf16 through FSDP's
     mixed precision, and the same without activation checkpointing. Each block is compiled whole (its

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import pickle
-import subprocess
 import sys
 
 import numpy as np

@@ -35,7 +35,8 @@ BLOCK_HF = ("import runpy, sys\n"
 WITHOUT_HF = BLOCK_HF + "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
 
 def start(script, *args, without_hf=False, env=None):
-    """python script args in a subprocess, started; one thread (tiny models), so that two can run at once."""
+    """python script args in a process of its own (tests/warm.py), started; one thread (tiny models), so that two
+    can run at once."""
     cmd = [sys.executable, *(["-c", WITHOUT_HF] if without_hf else []), os.path.join(ROOT, script), *args]
     return warm.start(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

@@ -192,8 +192,7 @@ def test_fsdp_plan_is_what_each_process_of_a_real_run_holds():
     from test_distributed import run_ranks
     small = dict(SMALL, loss_path="full")
     real = run_ranks(_fsdp_rank_holds, small)[0]
-    proc = subprocess.run([sys.executable, "-c", PLAN_SCRIPT.format(root=ROOT, small=small, world=2)],
-                          capture_output=True, text=True, timeout=300)
+    proc = warm.run([sys.executable, "-c", PLAN_SCRIPT.format(root=ROOT, small=small, world=2)], timeout=300)
     assert proc.returncode == 0, proc.stderr
     import json
     rows = json.loads(proc.stdout.splitlines()[-1])

@@ -1,9 +1,8 @@
-"""train.py and sample.py run as a user runs them: in subprocesses, on a tiny model, in temporary
-directories. Also every bad input a user can give them."""
+"""train.py and sample.py run as a user runs them: in processes of their own (tests/warm.py), on a tiny
+model, in temporary directories. Also every bad input a user can give them."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest

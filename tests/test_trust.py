@@ -390,8 +390,8 @@ def test_file_system_without_locks_warns_and_trains(tmp_path, monkeypatch, capsy
     import errno
 
     import checkpoint
-    proc = subprocess.run([sys.executable, "-c", NO_LOCKS, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'out'}",
-                           *TINY, "--max_iters=2"], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    proc = warm.run([sys.executable, "-c", NO_LOCKS, os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path / 'out'}",
+                     *TINY, "--max_iters=2"], cwd=ROOT, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("warning: the file system of") == 1 and "has no locks (No locks available)" in proc.stderr
     assert (tmp_path / "out" / "ckpt.pt").exists()
@@ -604,6 +604,7 @@ def rank_pid(parent, rank):
     return None
 
 
+@pytest.mark.heavy
 def test_ctrl_c_in_one_process_stops_all_at_the_same_step(tmp_path):
     args = ["--loss=mile", "--max_iters=30", "--eval_interval=1000", "--log_interval=1"]
     out = tmp_path / "out"
@@ -616,8 +617,9 @@ def test_ctrl_c_in_one_process_stops_all_at_the_same_step(tmp_path):
     stopped_at = ckpt_iter(out)
     assert 5 <= stopped_at < 30 and max(logged_iters(out)) == stopped_at
     cmd = resume_command(stdout)
-    assert "torch.distributed.run" in cmd and "--nproc_per_node=2" in cmd and cmd[-1] == "--init_from=resume"
-    resumed = warm.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] and \
+        cmd[-1] == "--init_from=resume"
+    resumed = warm.torchrun([sys.executable, *cmd[5:]], cwd=ROOT, env=ENV, timeout=600)  # that command's processes
     assert resumed.returncode == 0, resumed.stderr
     warm.torchrun(train_py(tmp_path / "straight", *args), cwd=ROOT, env=ENV, check=True, timeout=600)
     straight, resumed = step_losses(tmp_path / "straight"), step_losses(out)
@@ -682,8 +684,7 @@ def test_second_signal_stops_even_inside_one_long_operation(signal_number):
               "torch.set_num_threads(1); stop = StopSignals(); stop.training = True\n"
               "a = torch.randn(6000, 6000); a @ a[:, :10]; print('ready', flush=True)\n"
               "t = time.time(); a @ a; print(f'the operation ended after {time.time() - t:.1f} s', flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+    proc = warm.start([sys.executable, "-c", script], env=ENV)
     assert proc.stdout.readline() == "ready\n"
     time.sleep(0.5)  # inside the matmul: 6000^3 multiply-adds, several seconds on one core
     proc.send_signal(signal_number)

@@ -8,12 +8,10 @@ import json
 import os
 import signal
 import struct
-import subprocess
 import sys
 import zlib
 
-import pytest
-
+import warm
 from conftest import ROOT, TINY
 from test_train import assert_one_sentence_error, read_log
 from test_trust import logged_iters, resume_command, wait_for
@@ -75,8 +73,8 @@ def environment(tmp_path, **extra):
 
 
 def train(out, env, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    return warm.run([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args], cwd=ROOT,
+                    env=env, timeout=600)
 
 
 def fake_wandb(folder, source=FAKE):
@@ -134,14 +132,13 @@ def test_offline_run_reads_back_as_log_jsonl_across_sigterm_and_resume(tmp_path)
     out, env = tmp_path / "out", environment(tmp_path)
     args = [*WANDB, "--max_iters=20", "--eval_interval=1", "--log_interval=1", "--checkpoint_interval=100",
             "--gradient_accumulation_steps=20"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = warm.start([sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out}", *TINY, *args], cwd=ROOT,
+                      env=env, start_new_session=True)
     wait_for(lambda: len(logged_iters(out)) >= 4, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143 and "Traceback" not in stderr and "Weights & Biases" not in stderr, stdout + stderr
-    resumed = subprocess.run(resume_command(stdout), cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    resumed = warm.run(resume_command(stdout), cwd=ROOT, env=env, timeout=600)
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stdout + resumed.stderr
     assert "Weights & Biases" not in resumed.stderr
 
