@@ -161,7 +161,7 @@ def read(path, elsewhere="point --out_dir at the directory that holds ckpt.pt"):
     needed = set(NEEDED) - ({"model", "optimizer"} if sharded else set())
     if not isinstance(checkpoint, dict) or not needed <= checkpoint.keys():
         fail(f"{path} is a PyTorch file but not a checkpoint written by train.py", local=True)
-    checkpoint["model_args"] = settings.upgrade(checkpoint["model_args"])
+    checkpoint["model_args"] = settings.upgrade(checkpoint["model_args"], model_args=True)
     if sharded:
         checkpoint["sharded"] = path
     return checkpoint
@@ -274,10 +274,10 @@ def load_sharded(state, folder):
 
 def load_model(out_dir, device="cpu", elsewhere="point --out_dir at the directory that holds ckpt.pt"):
     """(model, checkpoint): the trained model of out_dir (its newest checkpoint, either kind) in eval mode on
-    device, and its checkpoint dict (settings, dataset meta, ...). The model runs eagerly, whatever the run
-    that trained it did."""
+    device, and its checkpoint dict (settings, dataset meta, ...). The model computes the plain way (eager, the
+    full loss path), whatever the run that trained it did: that is no part of its model_args."""
     checkpoint = read(out_dir, elsewhere)
-    config = GPTConfig(**{**checkpoint["model_args"], "compiled": False})
+    config = GPTConfig(**checkpoint["model_args"])
     if "sharded" in checkpoint:  # the shards, put together in this process
         with torch.device("meta"):
             model = GPT(config)

@@ -175,12 +175,13 @@ def compile(model, procs, parallel):
     """torch.compile for training. One process and DDP: the whole model, one graph. FSDP: each block's
     forward on its own (its activation checkpointing inside the graph), and the root's head with the full
     loss path's loss, as torchtitan does: FSDP's gathers and frees run between the graphs, as hooks around
-    each block, where the whole model's graph would break at every one of them. Returns the module to call."""
+    each block, where the whole model's graph would break at every one of them. After GPT.configure_run, whose
+    loss path and activation checkpointing the graphs take in. Returns the module to call."""
     if not (procs.distributed and parallel == "fsdp"):
         return torch.compile(model)
     for block in model.transformer.h:
         block.forward = torch.compile(block.forward)  # the module keeps its name and FSDP's hooks stay outside
-    if model.config.loss_path == "full":  # the chunked loss compiles its per-chunk math itself
+    if model.loss_path == "full":  # the chunked loss compiles its per-chunk math itself
         model.head_loss = torch.compile(model.head_loss)
     return model
 

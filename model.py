@@ -41,12 +41,8 @@ class GPTConfig:
     loss: str = "mile"  # the training loss: "ce", "focal" or "mile" (mile.py)
     gamma: float = 1.0  # exponent of the Focal / MiLe weight
     sigma: float = 1.0  # MiLe's offset: w = (sigma + H) ** gamma
-    # the training loss's path (train.py picks it, mile.choose_loss_path): "full" makes the (B, T, V) logits
-    # and calls the readable loss; "chunked", mile.chunked_loss, makes loss_chunk_size rows of them at a time
-    loss_path: str = "full"
-    loss_chunk_size: int = 0  # rows of logits per chunk; 0: per device (mile.default_chunk_size)
-    compiled: bool = False  # the model runs under torch.compile (train.py --compile)
-    activation_checkpointing: bool = False  # in training, keep each block's input only; backward recomputes the rest
+    # how a run computes the model (its loss path, compilation, activation checkpointing) is no part of what
+    # the model is, nor saved with it: GPT.configure_run
 
 
 def rotate(x, positions, theta=10000.0):
@@ -133,7 +129,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = Norm(config)
         self.mlp = MLP(config)
-        self.recompute = config.activation_checkpointing
+        self.recompute = False  # activation checkpointing (GPT.configure_run)
 
     def forward(self, x, cache=None):
         if self.recompute and torch.is_grad_enabled():  # keep x only; backward computes the block again
@@ -164,15 +160,28 @@ class GPT(nn.Module):
         if not llama:
             self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
 
-        # under torch.compile the chunked loss stays out of the model's graph: its loop over chunks runs in
-        # Python and its per-chunk math is compiled on its own. (torch.compiler.disable imports the compiler,
-        # 1.9 s on 2 CPU cores: only a model that is compiled anyway asks for it)
-        self.chunked_loss = torch.compiler.disable(chunked_loss) if config.compiled else chunked_loss
+        self.configure_run()  # the plain way, what generation, evaluation and export want
         # the processes MiLe's and Focal's alpha is averaged over in training (train.py sets it under torchrun;
         # mile.normalizer): None, so that a model used in one process alone computes its loss alone
         self.loss_group = None
 
         self.init_weights()
+
+    def configure_run(self, loss_path="full", loss_chunk_size=0, compiled=False, activation_checkpointing=False):
+        """How a run computes the model, which is no part of what the model is (its config, saved with it):
+        train.py sets it from its settings, before compiling; a model built or loaded otherwise keeps the
+        defaults. loss_path (mile.choose_loss_path): "full" makes the (B, T, V) logits and calls the readable
+        loss; "chunked", mile.chunked_loss, makes loss_chunk_size rows of them at a time (0: per device,
+        mile.default_chunk_size). compiled: the model runs under torch.compile. activation_checkpointing: in
+        training, each block keeps its input only and backward recomputes the rest. Returns the model."""
+        self.loss_path, self.loss_chunk_size, self.compiled = loss_path, loss_chunk_size, compiled
+        # under torch.compile the chunked loss stays out of the model's graph: its loop over chunks runs in
+        # Python and its per-chunk math is compiled on its own. (torch.compiler.disable imports the compiler,
+        # 1.9 s on 2 CPU cores: only a model that is compiled anyway asks for it)
+        self.chunked_loss = torch.compiler.disable(chunked_loss) if compiled else chunked_loss
+        for block in self.transformer.h:
+            block.recompute = activation_checkpointing
+        return self
 
     def to_empty(self, *, device, recurse=True):
         """nn.Module.to_empty (memory for a model built on the meta device, uninitialised: see init_weights),
@@ -252,12 +261,12 @@ class GPT(nn.Module):
         return logits[..., :self.config.vocab_size] if self.config.padded_vocab_size else logits
 
     def head_loss(self, x, targets):
-        """(logits or None, loss) of the final hidden states x against targets, on the config's loss path."""
+        """(logits or None, loss) of the final hidden states x against targets, on the run's loss path."""
         cfg = self.config
-        if cfg.loss_path == "chunked":
-            chunk_size = cfg.loss_chunk_size or default_chunk_size(cfg.vocab_size, x.device.type)
+        if self.loss_path == "chunked":
+            chunk_size = self.loss_chunk_size or default_chunk_size(cfg.vocab_size, x.device.type)
             return None, self.chunked_loss(x, self.lm_head.weight, targets, cfg.loss, cfg.gamma, cfg.sigma,
-                                           chunk_size=chunk_size, compiled=cfg.compiled, vocab_size=cfg.vocab_size,
+                                           chunk_size=chunk_size, compiled=self.compiled, vocab_size=cfg.vocab_size,
                                            group=self.loss_group)
         logits = self.logits(x)
         return logits, build_loss(cfg.loss, cfg.gamma, cfg.sigma, group=self.loss_group)(logits, targets)
@@ -269,7 +278,7 @@ class GPT(nn.Module):
         loss_chunk_size rows at a time, so memory stays small at any vocabulary."""
         x, y = self.hidden(idx).flatten(0, 1), targets.flatten()
         ce, entropy = [], []
-        step = self.config.loss_chunk_size or default_chunk_size(self.config.vocab_size, x.device.type)
+        step = self.loss_chunk_size or default_chunk_size(self.config.vocab_size, x.device.type)
         for i in range(0, len(y), step):
             logits = self.logits(x[i:i + step]).float()
             ce.append(F.cross_entropy(logits, y[i:i + len(logits)], reduction="none"))

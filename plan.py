@@ -60,10 +60,11 @@ def measure(cfg, vocab_size, device_type="cuda", dtype="bfloat16", memory=None, 
     n_rows = cfg.batch_size * cfg.block_size
     path, chunk = choose_loss_path(n_rows, vocab_size, device_type, cfg.loss_path, cfg.loss_chunk_size,
                                    budget_bytes=None if memory is None else memory // 4, compiled=cfg.compile)
-    args = {**settings.model_args(cfg, vocab_size), "loss_path": path, "loss_chunk_size": chunk}
+    args = settings.model_args(cfg, vocab_size)
     procs = processes(world_size, cfg.parallel)
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the meta model becomes fake tensors in it
     model = distributed.build(GPTConfig(**args), procs, cfg.parallel, "cpu", cfg.seed, dtype, within=fake)
+    model.configure_run(path, chunk, activation_checkpointing=cfg.activation_checkpointing == "full")  # as train.py
     casts = distributed.casts_weights(procs, cfg.parallel, dtype)  # FSDP gathers bf16 weights: no autocast
     autocast = nullcontext() if dtype == "float32" or casts else torch.autocast("cpu", dtype=getattr(torch, dtype))
     own = [p.to_local() if hasattr(p, "device_mesh") else p for p in model.parameters()]  # this process's shards

@@ -164,14 +164,23 @@ def keep_global_batch(cfg, batch_size, gradient_accumulation_steps, source):
     cfg.gradient_accumulation_steps = sequences // cfg.batch_size
 
 
-def upgrade(saved):
-    """Settings or model arguments saved before 2026-12-03 (commit 5eea2f3), in today's names: chunked_loss
-    (True, False or "auto") became loss_path, and compile_loss is gone (a run's compile setting covers it; a
-    loaded model is never compiled). The one place old names are read; a model takes "auto" as "full"."""
+# how a run computed its model, which model arguments held beside the model's shape until 2026-12-07 (upgrade)
+RUN_MODEL_ARGS = ("loss_path", "loss_chunk_size", "compiled", "activation_checkpointing")
+
+
+def upgrade(saved, model_args=False):
+    """Settings, or with model_args the model arguments, saved by earlier versions, in today's names: the one
+    place old names are read. Before 2026-12-03 (commit 5eea2f3): chunked_loss (True, False or "auto") became
+    loss_path, and compile_loss is gone (a run's compile setting covers it). Before 2026-12-07: model arguments
+    held how the run computed the model (RUN_MODEL_ARGS: its loss path and chunk size, whether it was compiled,
+    activation checkpointing) beside what the model is; they are dropped here, as a resumed run takes them
+    from its settings and a loaded model computes the plain way (model.GPT.configure_run)."""
     saved = dict(saved)
     if "chunked_loss" in saved:
         saved["loss_path"] = {"true": "chunked", "false": "full"}.get(str(saved.pop("chunked_loss")).lower(), "auto")
     saved.pop("compile_loss", None)
+    if model_args:
+        saved = {key: value for key, value in saved.items() if key not in RUN_MODEL_ARGS}
     return saved
 
 
@@ -271,11 +280,12 @@ def padded(vocab_size):
 
 
 def model_args(cfg, vocab_size):
-    """The GPTConfig arguments (model.py) of these settings, for a new model of a dataset of vocab_size tokens."""
+    """The GPTConfig arguments (model.py) of these settings, for a new model of a dataset of vocab_size tokens:
+    what the model is. How the run computes it is not among them (GPT.configure_run)."""
     return dict(arch=cfg.arch, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_ffn=cfg.n_ffn,
                 block_size=cfg.block_size, bias=cfg.bias, vocab_size=vocab_size,
                 padded_vocab_size=padded(vocab_size), dropout=cfg.dropout, loss=cfg.loss,
-                gamma=cfg.gamma, sigma=cfg.sigma, activation_checkpointing=cfg.activation_checkpointing == "full")
+                gamma=cfg.gamma, sigma=cfg.sigma)
 
 
 def refuse_renamed(argv, renamed):

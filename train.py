@@ -114,8 +114,7 @@ checkpoint.check_shared(cfg.out_dir, procs)  # on several machines, all of them 
 # model and optimizer
 loss_path, chunk_size = choose_loss_path(cfg.batch_size * cfg.block_size, meta["vocab_size"], device,
                                          cfg.loss_path, cfg.loss_chunk_size, compiled=cfg.compile)  # once, here
-model_args = {**settings.model_args(cfg, meta["vocab_size"]), "loss_path": loss_path,
-              "loss_chunk_size": chunk_size, "compiled": cfg.compile}
+model_args = settings.model_args(cfg, meta["vocab_size"])  # what the model is, saved with it
 iter_num, wandb_id = 0, None
 if resumed:
     model_args["padded_vocab_size"] = resumed["model_args"].get("padded_vocab_size", 0)  # as it was made
@@ -142,6 +141,8 @@ else:  # pretrained Hugging Face weights (requirements-hf.txt): the shape is the
     if procs.master:
         print(f"starting from the weights of {cfg.init_from}")
 model = raw_model  # raw_model: the module whose state we save and load, plain or sharded in place by FSDP
+# how this run computes it, from the settings (a resumed run's too), never from model_args
+raw_model.configure_run(loss_path, chunk_size, cfg.compile, cfg.activation_checkpointing == "full")
 raw_model.loss_group = distributed.group(procs)  # MiLe's and Focal's alpha: averaged over all processes
 torch.manual_seed(cfg.seed + procs.rank)  # but dropout differs between processes (the data is drawn apart)
 optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)

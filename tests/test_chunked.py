@@ -253,7 +253,7 @@ def test_forced_paths_and_chunk_size():
 def test_model_follows_the_path(path):
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=70, n_layer=1, n_head=2, n_embd=16, loss_path=path))
+    model = GPT(GPTConfig(block_size=16, vocab_size=70, n_layer=1, n_head=2, n_embd=16)).configure_run(path)
     idx, targets = torch.randint(0, 70, (3, 16)), torch.randint(0, 70, (3, 16))
     logits, loss = model(idx, targets)
     assert (logits is None) == (path == "chunked")
@@ -267,6 +267,8 @@ def test_old_checkpoints_name_the_path_as_before():
     assert settings.upgrade({"chunked_loss": True, "compile_loss": True}) == {"loss_path": "chunked"}
     assert settings.upgrade({"chunked_loss": "false"})["loss_path"] == "full"
     assert settings.upgrade({"chunked_loss": "auto"})["loss_path"] == "auto"  # train.py decides anew on resume
+    # model arguments held the path until 2026-12-07: a run's settings give it now (tests/test_train.py)
+    assert settings.upgrade({"chunked_loss": True, "compile_loss": True, "n_layer": 2}, model_args=True) == {"n_layer": 2}
     cfg = settings.resumed(settings.Settings(), {"chunked_loss": True, "loss": "ce"}, explicit=set())
     assert (cfg.loss_path, cfg.loss) == ("chunked", "ce")
 

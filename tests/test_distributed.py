@@ -141,8 +141,8 @@ def test_alpha_is_mean_of_rank_reciprocals():
 
 def tiny_model(loss, chunked):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=16, loss=loss,
-                          loss_path="chunked" if chunked else "full", loss_chunk_size=5))
+    model = GPT(GPTConfig(block_size=8, vocab_size=30, n_layer=1, n_head=2, n_embd=16, loss=loss))
+    model.configure_run("chunked" if chunked else "full", loss_chunk_size=5)
     with torch.no_grad():
         model.lm_head.weight.mul_(40)  # sharp, varied predictions: entropies (and alphas) differ by batch
     return model

@@ -73,7 +73,7 @@ def test_training_forward_compiles_without_graph_breaks(arch, recompute):
     """torch.compile sees the training forward as one graph (one process, DDP): the cache argument adds no
     break, nor does activation checkpointing, which is inside the graph."""
     torch._dynamo.reset()
-    model = tiny(arch, loss_path="chunked", compiled=True, activation_checkpointing=recompute).train()
+    model = tiny(arch).configure_run("chunked", compiled=True, activation_checkpointing=recompute).train()
     idx = torch.randint(0, 50, (2, 16))
     explained = torch._dynamo.explain(model)(idx, idx)  # the chunked loss stays outside, on purpose
     assert explained.graph_count == 1 and explained.graph_break_count == 0

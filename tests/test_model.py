@@ -18,7 +18,7 @@ from system import PEAK_FLOPS, peak_flops  # noqa: E402
 
 def tiny(**kw):
     torch.manual_seed(0)
-    defaults = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, loss_path="full")
+    defaults = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
     return GPT(GPTConfig(**{**defaults, **kw})).eval()
 
 
@@ -52,7 +52,7 @@ def test_chunked_training_loss_matches_readable(loss, arch):
     idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
     results = []
     for path in ("full", "chunked"):
-        model = tiny(arch=arch, loss=loss, loss_path=path, loss_chunk_size=7).train()  # the same weights
+        model = tiny(arch=arch, loss=loss).configure_run(path, loss_chunk_size=7).train()  # the same weights
         logits, value = model(idx, targets)
         assert (logits is None) == (path == "chunked")
         value.backward()
@@ -120,7 +120,7 @@ def test_activation_checkpointing_changes_no_number(dropout):
     """Recomputing each block in backward gives the loss and the gradients of keeping its activations."""
     results = []
     for checkpointing in (False, True):
-        model = tiny(dropout=dropout, activation_checkpointing=checkpointing).train()
+        model = tiny(dropout=dropout).configure_run(activation_checkpointing=checkpointing).train()
         torch.manual_seed(1)  # the same dropout masks: checkpoint replays the random stream in the recompute
         idx = torch.randint(0, 50, (3, 16))
         _, loss = model(idx, idx)
@@ -137,8 +137,9 @@ def test_activation_checkpointing_changes_no_number(dropout):
 def test_padded_vocabulary_is_out_of_the_loss(arch, loss_path):
     """A model whose tables are padded from 50 to 64 rows gives the loss and the gradients of the same weights
     unpadded; the padding's rows get no gradient, however large they are."""
-    unpadded = tiny(arch=arch, loss_path=loss_path, loss_chunk_size=7).train()
+    unpadded = tiny(arch=arch).configure_run(loss_path, loss_chunk_size=7).train()
     padded = GPT(GPTConfig(**{**vars(unpadded.config), "padded_vocab_size": 64})).train()
+    padded.configure_run(loss_path, loss_chunk_size=7)
     with torch.no_grad():
         for (name, p), q in zip(padded.named_parameters(), unpadded.parameters()):
             p[:q.size(0)].copy_(q)

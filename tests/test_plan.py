@@ -38,7 +38,7 @@ def saved_for_backward(fn, skip):
 
 def real_model(cfg, vocab, path, chunk):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**settings.model_args(cfg, vocab), "loss_path": path, "loss_chunk_size": chunk}))
+    return GPT(GPTConfig(**settings.model_args(cfg, vocab))).configure_run(path, chunk)
 
 
 @pytest.mark.parametrize("arch, loss_path", [("gpt2", "chunked"), ("gpt2", "full"), ("llama", "full")])
@@ -66,7 +66,7 @@ from model import GPT, GPTConfig
 torch.set_num_threads(1)
 cfg = settings.Settings(**{small!r})
 rows, path, chunk = plan.measure(cfg, 84, "cpu", "float32")
-model = GPT(GPTConfig(**{{**settings.model_args(cfg, 84), "loss_path": path, "loss_chunk_size": chunk}}))
+model = GPT(GPTConfig(**settings.model_args(cfg, 84))).configure_run(path, chunk)
 idx = torch.randint(0, 84, (cfg.batch_size, cfg.block_size))
 rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 before = rss()
@@ -154,8 +154,7 @@ def _fsdp_rank_holds(rank, world, small):
     import distributed
     cfg = settings.Settings(parallel="fsdp", **small)
     procs = distributed.Processes(rank, rank, world, world)
-    model = distributed.build(GPTConfig(**{**settings.model_args(cfg, 84), "loss_path": "full"}), procs, "fsdp",
-                              "cpu", 0, "float32")
+    model = distributed.build(GPTConfig(**settings.model_args(cfg, 84)), procs, "fsdp", "cpu", 0, "float32")
     own = [p.to_local() for p in model.parameters()]
     kept = {}
 

@@ -11,6 +11,7 @@ import torch
 import warm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--log_interval=2", "--warmup_iters=2", "--learning_rate=1e-2"]
 
@@ -93,6 +94,28 @@ def test_resume_continues_exactly(tmp_path):
     straight = {r["iter"]: r["train_loss"] for r in read_log(full) if "train_loss" in r}
     for r in resumed:  # the same batches, the same optimizer state, the same arithmetic: the same losses
         assert r["train_loss"] == straight[r["iter"]]
+
+
+def test_model_args_hold_what_the_model_is_and_older_ones_still_load(tmp_path, trained):
+    """A checkpoint's model_args hold what the model is, not how its run computed it (the loss path and chunk
+    size, compiled, activation checkpointing: the run's settings). A checkpoint of an earlier version whose
+    model_args held them loads as a model that computes the plain way, and resumes as its settings say."""
+    import checkpoint
+    how = {"loss_path", "loss_chunk_size", "compiled", "activation_checkpointing"}
+    saved = torch.load(os.path.join(trained, "ckpt.pt"), weights_only=True)
+    assert saved["model_args"]["n_layer"] == 1 and not how & saved["model_args"].keys()
+    earlier = [dict(chunked_loss=True, compile_loss=True),  # before 2026-12-03
+               dict(loss_path="chunked", loss_chunk_size=100, compiled=True, activation_checkpointing=True)]
+    for i, args in enumerate(earlier):
+        os.makedirs(tmp_path / str(i))
+        torch.save({**saved, "model_args": {**saved["model_args"], **args}}, tmp_path / str(i) / "ckpt.pt")
+        model, _ = checkpoint.load_model(str(tmp_path / str(i)))
+        assert (model.loss_path, model.loss_chunk_size, model.compiled) == ("full", 0, False)
+        assert not any(block.recompute for block in model.transformer.h)
+    proc = train(tmp_path / "1", "--init_from=resume", "--max_iters=14", "--loss_chunk_size=50")
+    assert "at iteration 12" in proc.stdout and "loss path: chunked, 50 rows a chunk" in proc.stdout
+    resumed = torch.load(tmp_path / "1" / "ckpt.pt", weights_only=True)
+    assert resumed["iter_num"] == 14 and not how & resumed["model_args"].keys()
 
 
 def test_config_file_and_override(tmp_path):
