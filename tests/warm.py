@@ -9,8 +9,8 @@ the environment, the working directory, stdout and stderr (to files, read back a
 subprocess's), the exit status (negative: the signal that ended it) and a pid to signal. run and Popen
 take subprocess's arguments and fall back on subprocess for any other command (torchrun, python -m),
 and where torch or the C library reads the environment as the process starts (OMP_NUM_THREADS,
-MALLOC_*; TORCH_LOGS is read again).
-torchrun runs a command as torchrun's processes, for the tests whose subject is not torchrun itself."""
+MALLOC_*; TORCH_LOGS is read again). torchrun runs a command as torchrun's processes, for the tests
+whose subject is not torchrun itself."""
 
 import multiprocessing
 import os
@@ -173,7 +173,9 @@ class Lines:
             time.sleep(0.01)
 
     def rest(self):
-        return self._part + self._file.read()
+        """What was not read yet, once the process has ended."""
+        with self._file:
+            return self._part + self._file.read()
 
 
 def start(args, fresh=False, **kw):
